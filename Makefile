@@ -1,0 +1,50 @@
+# recloop: two commands on a fresh machine (Python 3.11+, Java 17+, Maven):
+#   make demo   run the live loop against a local Kafka broker
+#   make test   create the environment, install everything and run the whole suite
+#
+# The virtual environment lives outside the repository, keyed by the lock file's hash, so a
+# fresh clone (as CI makes) reuses it and only a changed lock file triggers a reinstall.
+
+PYTHON ?= python3
+LOCK := requirements/lock.txt
+CACHE ?= $(HOME)/.cache/recloop
+VENV ?= $(CACHE)/venv-$(shell sha1sum $(LOCK) | cut -c1-12)
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test lint unit integration demo lock clean-venv
+
+$(STAMP): $(LOCK)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet -r $(LOCK)
+	touch $(STAMP)
+
+# The project itself is installed editable on every run: cheap, and it follows this checkout.
+install: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+test: install lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: install
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: install
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/recloop demo
+
+lock:
+	$(PYTHON) -m venv $(CACHE)/venv-lock && $(CACHE)/venv-lock/bin/pip install -e '.[dev]' \
+	  && $(CACHE)/venv-lock/bin/pip freeze --exclude-editable > $(LOCK)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""recloop's core layer."""

@@ -1,0 +1,1 @@
+"""recloop's producer_sim layer."""

@@ -1,0 +1,3 @@
+from recloop.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""The ``recloop`` command line: one typer app with a sub-command module per concern.
+
+Each module in ``_COMMAND_MODULES`` exposes ``register(app, bench)``: it adds its commands
+to the top-level ``app`` and, if it has a benchmark, to the ``recloop bench`` group.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="recloop",
+    help="Streaming, online-learning RL recommender on Kafka.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+bench = typer.Typer(
+    help="Benchmarks that print figures next to a raw baseline from the same run.",
+    no_args_is_help=True,
+)
+app.add_typer(bench, name="bench")
+
+_COMMAND_MODULES = [
+    "recloop.cli.kafka",
+]
+
+
+def _register() -> None:
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(app, bench)
+
+
+def main() -> None:
+    _register()
+    app()

@@ -1,0 +1,1 @@
+"""Kafka plumbing: local broker, admin, clients and the dead-letter consumer."""

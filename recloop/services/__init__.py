@@ -1,0 +1,1 @@
+"""Kafka process shells: settings -> wiring -> loop around the pure cores."""
