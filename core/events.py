@@ -103,7 +103,11 @@ class Click(Record, frozen=True, kw_only=True):
 
 
 class SessionEnd(Record, frozen=True, kw_only=True):
-    """The user's session is over (time budget spent, or gave up)."""
+    """The user's session is over (time budget spent, or gave up).
+
+    ``steps`` is how many slates the user answered in the session; consumers that see
+    slates and feedback on separate topics wait until they have seen that many outcomes.
+    """
 
     event_id: str
     user_id: str
@@ -127,25 +131,49 @@ class UserView(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PendingSlate(msgspec.Struct, frozen=True, kw_only=True):
-    """The last slate served to a user whose outcome is not yet known."""
+    """A slate served to a user, with the feedback gathered for it so far."""
 
     request_id: str
+    step: NonNegInt = 0
     items: list[int]
     propensities: list[Probability]
     policy: str
     policy_version: NonNegInt
     candidates: list[int] = []
     candidate_features: list[list[Finite]] = []
+    observation: list[Finite] = []
     served_ts: Finite
+    impressed_positions: list[int] = []
+    click_expected: bool = False
+    chosen_position: NonNegInt | None = None
+    reward: Finite = 0.0
+    outcome_ts: Finite = 0.0
+
+    @property
+    def outcome_known(self) -> bool:
+        """Every shown item was impressed and, if one was clicked, its Click arrived."""
+        all_seen = len(self.impressed_positions) >= len(self.items)
+        return all_seen and (not self.click_expected or self.chosen_position is not None)
 
 
 class SessionState(Record, frozen=True, kw_only=True):
-    """Per-user session state, compacted on ``session.state`` for serving to read."""
+    """Per-user session state: the streams fold's value, compacted on ``session.state``.
+
+    ``view`` is what serving conditions on: every known outcome applied. ``frontier`` is the
+    view as it was when the oldest pending slate was served (the next transition's state).
+    ``pending`` holds served slates whose outcome or successor is not known yet, oldest first; ``early_feedback`` holds feedback that
+    arrived before its slate; ``recent_ids`` remembers recent event ids for idempotency and
+    ``past_sessions`` recent finished sessions, so late events of theirs are dropped.
+    """
 
     user_id: str
     session_id: str
     view: UserView
-    pending: PendingSlate | None = None
+    frontier: UserView = UserView()
+    pending: list[PendingSlate] = []
+    early_feedback: list[Feedback] = []
+    recent_ids: list[str] = []
+    past_sessions: list[str] = []
     ended: bool = False
     last_event_ts: Finite = 0.0
 
@@ -154,7 +182,9 @@ class Transition(Record, frozen=True, kw_only=True):
     """One answered slate, ready for learning.
 
     ``transition_id`` is deterministic (user, session, request), so a re-emission after a
-    failure carries the same id and consumers can drop it.
+    failure carries the same id and consumers can drop it. ``next_state`` is the view the
+    user's next request was served with; ``next_slate`` (with its candidates) is the slate
+    actually served next, which SARSA targets need; both are empty when ``done``.
     """
 
     transition_id: str
@@ -172,6 +202,9 @@ class Transition(Record, frozen=True, kw_only=True):
     chosen_position: NonNegInt | None = None
     reward: Finite = 0.0
     next_state: UserView
+    next_slate: list[int] = []
+    next_candidates: list[int] = []
+    next_candidate_features: list[list[Finite]] = []
     done: bool = False
     served_ts: Finite
     outcome_ts: Finite

@@ -34,7 +34,9 @@ TOPIC_TABLE: tuple[TopicSpec, ...] = (
     TopicSpec("rec.feedback", "user_id", events.Feedback, False, True, "sim -> streams"),
     TopicSpec("session.state", "user_id", events.SessionState, True, True, "streams -> serving"),
     TopicSpec("rec.transitions", "user_id", events.Transition, False, True, "streams -> learner"),
-    TopicSpec("policy.snapshots", "policy", events.PolicyPublished, True, False, "learner -> serving"),
+    TopicSpec(
+        "policy.snapshots", "policy", events.PolicyPublished, True, False, "learner -> serving"
+    ),
     TopicSpec("sim.outcomes", "user_id", events.EpisodeOutcome, False, True, "sim -> dashboards"),
 )
 

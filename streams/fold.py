@@ -1,0 +1,325 @@
+"""The session fold: ``apply(state, event) -> (state, transitions)``, pure and deterministic.
+
+Slates (``rec.slates``) and feedback (``rec.feedback``) of one user arrive on two topics, so
+their interleaving is arbitrary even though each topic is ordered per user. The fold
+therefore:
+
+- keeps every served slate as *pending* until its outcome is known: all of its impressions
+  arrived and, if one was marked clicked, its Click (with the reward) arrived too;
+- buffers feedback that arrives before its slate (``early_feedback``) and replays it when
+  the slate comes;
+- emits the transition of a slate only once its *successor* is known: the next slate of the
+  session (which gives the exact next observation and the next served slate that SARSA
+  needs) or the session's end (``done``). A completed outcome is folded into the view at
+  once, so serving sees fresh history without waiting;
+- is idempotent: a repeated event id, a repeated slate, or an event of a finished session
+  changes nothing;
+- ``expire(state, now, timeout)`` ends a session that has gone quiet and emits its terminal
+  transition, so sessions that never end still teach the learner.
+
+Transition ids are a hash of (user, session, request), so a re-emission after a crash carries
+the same id and downstream consumers drop it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import msgspec
+
+from core.events import (
+    Click,
+    Impression,
+    PendingSlate,
+    Record,
+    SessionEnd,
+    SessionState,
+    SlateServed,
+    Transition,
+    UserView,
+)
+
+
+@dataclass(frozen=True)
+class FoldConfig:
+    """Limits that keep the per-user state small."""
+
+    history_len: int = 10
+    """How many recent positively-answered items the view keeps (DRR uses the last 5)."""
+    recent_ids: int = 256
+    """How many recent event ids are remembered for idempotency."""
+    past_sessions: int = 8
+    """How many finished session ids are remembered, so their late events are dropped."""
+    early_feedback: int = 64
+    """Most feedback records buffered while waiting for their slate."""
+
+
+DEFAULT = FoldConfig()
+
+
+def transition_id(user_id: str, session_id: str, request_id: str) -> str:
+    """Deterministic id of the transition for one answered slate."""
+    digest = hashlib.sha1(f"{user_id}\x1f{session_id}\x1f{request_id}".encode()).hexdigest()
+    return digest[:32]
+
+
+def new_state(user_id: str, session_id: str) -> SessionState:
+    return SessionState(user_id=user_id, session_id=session_id, view=UserView())
+
+
+def apply(
+    state: SessionState | None, event: Record, config: FoldConfig = DEFAULT
+) -> tuple[SessionState, list[Transition]]:
+    """Fold one slate or feedback event into a user's state; return new state and transitions."""
+    if not isinstance(event, SlateServed | Impression | Click | SessionEnd):
+        raise TypeError(f"the session fold takes slates and feedback, not {type(event).__name__}")
+    if state is None:
+        state = new_state(event.user_id, event.session_id)
+    if event.session_id in state.past_sessions:
+        return state, []  # a late event of a session that is already over
+    if event.session_id != state.session_id:
+        if isinstance(event, SlateServed):
+            state, out = _abandon(state, config)
+            fresh = new_state(event.user_id, event.session_id)
+            state = msgspec.structs.replace(fresh, past_sessions=state.past_sessions)
+            state, more = _apply_slate(state, event, config)
+            return state, out + more
+        return _buffer(state, event, config), []  # feedback before its session's first slate
+    if state.ended:
+        return state, []
+    event_key = _event_key(event)
+    if event_key in state.recent_ids:
+        return state, []
+    if isinstance(event, SlateServed):
+        return _apply_slate(state, event, config)
+    return _apply_feedback(state, event, config)
+
+
+def expire(
+    state: SessionState, now: float, timeout_s: float, config: FoldConfig = DEFAULT
+) -> tuple[SessionState, list[Transition]]:
+    """End a session idle for longer than ``timeout_s``, emitting its terminal transition."""
+    if state.ended or now - state.last_event_ts < timeout_s:
+        return state, []
+    return _end_session(state, now, config)
+
+
+def _event_key(event: Record) -> str:
+    if isinstance(event, SlateServed):
+        return f"slate:{event.request_id}"
+    return event.event_id  # type: ignore[attr-defined]
+
+
+def _remember(state: SessionState, key: str, ts: float, config: FoldConfig) -> SessionState:
+    recent = [*state.recent_ids, key][-config.recent_ids :]
+    return msgspec.structs.replace(
+        state, recent_ids=recent, last_event_ts=max(ts, state.last_event_ts)
+    )
+
+
+def _buffer(state: SessionState, event: Record, config: FoldConfig) -> SessionState:
+    if any(_event_key(e) == _event_key(event) for e in state.early_feedback):
+        return state
+    buffered = [*state.early_feedback, event][-config.early_feedback :]
+    return msgspec.structs.replace(state, early_feedback=buffered)
+
+
+def _apply_slate(
+    state: SessionState, slate: SlateServed, config: FoldConfig
+) -> tuple[SessionState, list[Transition]]:
+    if any(p.request_id == slate.request_id for p in state.pending):
+        return state, []
+    pending = PendingSlate(
+        request_id=slate.request_id,
+        step=slate.step,
+        items=list(slate.items),
+        propensities=list(slate.propensities),
+        policy=slate.policy,
+        policy_version=slate.policy_version,
+        candidates=list(slate.candidates),
+        candidate_features=[list(r) for r in slate.candidate_features],
+        observation=list(slate.observation),
+        served_ts=slate.ts,
+    )
+    state = msgspec.structs.replace(state, pending=[*state.pending, pending])
+    state = _remember(state, _event_key(slate), slate.ts, config)
+    if slate.observation:
+        # Serving conditions on the newest observation the user has shown.
+        view = msgspec.structs.replace(state.view, observation=list(slate.observation))
+        state = msgspec.structs.replace(state, view=view)
+    state, out = _release_ready(state, config)
+    # Feedback that came before this slate can be applied now.
+    waiting = [
+        f
+        for f in state.early_feedback
+        if getattr(f, "request_id", None) == slate.request_id
+        or (isinstance(f, SessionEnd) and f.session_id == state.session_id)
+    ]
+    if waiting:
+        state = msgspec.structs.replace(
+            state, early_feedback=[f for f in state.early_feedback if f not in waiting]
+        )
+        for feedback in waiting:
+            state, more = apply(state, feedback, config)
+            out += more
+    return state, out
+
+
+def _apply_feedback(
+    state: SessionState, event: Impression | Click | SessionEnd, config: FoldConfig
+) -> tuple[SessionState, list[Transition]]:
+    if isinstance(event, SessionEnd):
+        if state.view.step < event.steps:
+            # The last slates (on the other topic) or their outcomes are still on their way;
+            # wait for them so the terminal transition is the right one.
+            return _buffer(state, event, config), []
+        state = _remember(state, event.event_id, event.ts, config)
+        return _end_session(state, event.ts, config)
+    index = next((i for i, p in enumerate(state.pending) if p.request_id == event.request_id), None)
+    if index is None:
+        return _buffer(state, event, config), []
+    slate = state.pending[index]
+    if isinstance(event, Impression):
+        if event.position in slate.impressed_positions:
+            return state, []
+        slate = msgspec.structs.replace(
+            slate,
+            impressed_positions=[*slate.impressed_positions, event.position],
+            click_expected=slate.click_expected or event.clicked,
+            outcome_ts=max(slate.outcome_ts, event.ts),
+        )
+    else:
+        if slate.chosen_position is not None:
+            return state, []
+        slate = msgspec.structs.replace(
+            slate,
+            chosen_position=event.position,
+            click_expected=True,
+            reward=event.reward,
+            outcome_ts=max(slate.outcome_ts, event.ts),
+        )
+    was_known = state.pending[index].outcome_known
+    pending = [*state.pending[:index], slate, *state.pending[index + 1 :]]
+    state = _remember(
+        msgspec.structs.replace(state, pending=pending), event.event_id, event.ts, config
+    )
+    if slate.outcome_known and not was_known:
+        state = msgspec.structs.replace(state, view=_advance(state.view, slate, config))
+    state, out = _release_ready(state, config)
+    # A SessionEnd buffered behind this outcome may now be applied.
+    ends = [
+        f
+        for f in state.early_feedback
+        if isinstance(f, SessionEnd) and f.session_id == state.session_id
+    ]
+    if ends and state.view.step >= ends[0].steps:
+        state = msgspec.structs.replace(
+            state, early_feedback=[f for f in state.early_feedback if f not in ends]
+        )
+        state, more = _apply_feedback(state, ends[0], config)
+        out += more
+    return state, out
+
+
+def _advance(view: UserView, slate: PendingSlate, config: FoldConfig) -> UserView:
+    """The view after a slate's outcome: history grows only on a click (positive feedback)."""
+    history, rewards = list(view.history), list(view.history_rewards)
+    if slate.chosen_position is not None:
+        history = [*history, slate.items[slate.chosen_position]][-config.history_len :]
+        rewards = [*rewards, slate.reward][-config.history_len :]
+    return UserView(
+        observation=list(view.observation),
+        history=history,
+        history_rewards=rewards,
+        step=view.step + 1,
+        cumulative_reward=view.cumulative_reward + slate.reward,
+    )
+
+
+def _release_ready(
+    state: SessionState, config: FoldConfig
+) -> tuple[SessionState, list[Transition]]:
+    """Emit transitions for answered slates whose successor slate is already known."""
+    out: list[Transition] = []
+    pending = sorted(state.pending, key=lambda p: p.step)
+    frontier = state.frontier
+    while len(pending) >= 2 and pending[0].outcome_known:
+        answered, successor = pending[0], pending[1]
+        before = _with_observation(frontier, answered)
+        after = _with_observation(_advance(before, answered, config), successor)
+        out.append(_transition(state, answered, before, after, successor, done=False))
+        pending = pending[1:]
+        frontier = after
+    return msgspec.structs.replace(state, pending=pending, frontier=frontier), out
+
+
+def _with_observation(view: UserView, slate: PendingSlate) -> UserView:
+    """The view with the observation the user showed when ``slate`` was requested."""
+    if not slate.observation:
+        return view
+    return msgspec.structs.replace(view, observation=list(slate.observation))
+
+
+def _end_session(
+    state: SessionState, ts: float, config: FoldConfig
+) -> tuple[SessionState, list[Transition]]:
+    """Close the session: the last answered slate becomes a terminal transition."""
+    state, out = _release_ready(state, config)
+    pending = sorted(state.pending, key=lambda p: p.step)
+    if pending and pending[0].outcome_known:
+        before = _with_observation(state.frontier, pending[0])
+        after = _advance(before, pending[0], config)
+        out.append(_transition(state, pending[0], before, after, None, done=True))
+    past = [*state.past_sessions, state.session_id][-config.past_sessions :]
+    ended = msgspec.structs.replace(
+        state,
+        pending=[],
+        early_feedback=[],
+        ended=True,
+        past_sessions=past,
+        last_event_ts=max(ts, state.last_event_ts),
+    )
+    return ended, out
+
+
+def _abandon(state: SessionState, config: FoldConfig) -> tuple[SessionState, list[Transition]]:
+    """A new session started while the old one never ended: close the old one first."""
+    if state.ended or not state.pending:
+        past = state.past_sessions if state.ended else [*state.past_sessions, state.session_id]
+        return msgspec.structs.replace(state, past_sessions=past[-config.past_sessions :]), []
+    return _end_session(state, state.last_event_ts, config)
+
+
+def _transition(
+    state: SessionState,
+    slate: PendingSlate,
+    before: UserView,
+    after: UserView,
+    successor: PendingSlate | None,
+    done: bool,
+) -> Transition:
+    chosen = slate.chosen_position
+    return Transition(
+        transition_id=transition_id(state.user_id, state.session_id, slate.request_id),
+        user_id=state.user_id,
+        session_id=state.session_id,
+        request_id=slate.request_id,
+        state=before,
+        slate=list(slate.items),
+        propensities=list(slate.propensities),
+        candidates=list(slate.candidates),
+        candidate_features=slate.candidate_features,
+        policy=slate.policy,
+        policy_version=slate.policy_version,
+        chosen_item=slate.items[chosen] if chosen is not None else None,
+        chosen_position=chosen,
+        reward=slate.reward,
+        next_state=after,
+        next_slate=list(successor.items) if successor else [],
+        next_candidates=list(successor.candidates) if successor else [],
+        next_candidate_features=successor.candidate_features if successor else [],
+        done=done,
+        served_ts=slate.served_ts,
+        outcome_ts=slate.outcome_ts,
+    )
