@@ -73,6 +73,6 @@ def decode(data: bytes | bytearray | memoryview | None, record_type: type[R] | A
 
 def _explain(message: str) -> str:
     # msgspec reports bounds violations for our Finite type as a range error; say what it means.
-    if "Expected `float` >=" in message or "Expected `float` <=" in message:
+    if any(m in message for m in ("Expected `float` >=", "Expected `float` <=", "out of range")):
         return f"non-finite or out-of-range float ({message})"
     return message

@@ -233,8 +233,9 @@ def _encode_tensors(tensors: dict[str, np.ndarray]) -> bytes:
         if not isinstance(array, np.ndarray):
             raise ValueError(f"tensor {name!r} is a {type(array).__name__}, not a numpy array")
         # safetensors copies raw memory: a strided view (e.g. a transpose) would be written
-        # in the wrong element order, so force C order and native byte order first.
-        prepared[name] = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+        # in the wrong element order, so force C order and native byte order first
+        # (not np.ascontiguousarray, which turns a 0-d array into shape (1,)).
+        prepared[name] = np.asarray(array, dtype=array.dtype.newbyteorder("="), order="C")
     try:
         return safetensors.numpy.save(prepared)
     except Exception as exc:

@@ -1,0 +1,180 @@
+"""``recloop demo``: the main job, run against a local Kafka broker.
+
+For now it starts the local broker unless one answers at the bootstrap address, creates the
+topics, and round-trips one of each event through Kafka, printing what came back. Later
+issues grow it into the full loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from core import events, topics
+from core.events import Record
+from core.settings import Settings
+
+
+def example_events(ts: float = 1_700_000_000.0) -> list[Record]:
+    """One plausible record of every type in ``core.events.ALL_RECORD_TYPES``."""
+    view = events.UserView(
+        observation=[0.25, -1.0], history=[7, 3], history_rewards=[1.5, 0.0], step=2,
+        cumulative_reward=1.5,
+    )  # fmt: skip
+    pending = events.PendingSlate(
+        request_id="r-2", items=[3, 9], propensities=[0.5, 0.25], policy="reinforce",
+        policy_version=4, candidates=[3, 9, 11], candidate_features=[[0.1], [0.2], [0.3]],
+        served_ts=ts,
+    )  # fmt: skip
+    common = {"user_id": "u-1", "session_id": "s-1"}
+    return [
+        events.RecRequest(
+            request_id="r-1", step=0, ts=ts, k=2, observation=[0.25, -1.0],
+            candidates=[3, 9, 11], candidate_features=[[0.1], [0.2], [0.3]], **common,
+        ),
+        events.SlateServed(
+            request_id="r-1", step=0, ts=ts + 0.01, request_ts=ts, items=[9, 3],
+            scores=[2.5, -0.5], propensities=[0.7, 0.3], policy="reinforce", policy_version=4,
+            candidates=[3, 9, 11], **common,
+        ),
+        events.Impression(
+            event_id="e-1", request_id="r-1", item=9, position=0, slate_size=2, clicked=True,
+            ts=ts + 0.02, **common,
+        ),
+        events.Click(
+            event_id="e-2", request_id="r-1", item=9, position=0, reward=3.25, ts=ts + 0.03,
+            **common,
+        ),
+        events.SessionEnd(event_id="e-3", steps=1, ts=ts + 0.04, reason="budget", **common),
+        events.SessionState(view=view, pending=pending, ended=False, last_event_ts=ts, **common),
+        events.Transition(
+            transition_id="u-1/s-1/r-1", request_id="r-1", state=view, slate=[9, 3],
+            propensities=[0.7, 0.3], policy="reinforce", policy_version=4, chosen_item=9,
+            chosen_position=0, reward=3.25, next_state=view, done=True, served_ts=ts,
+            outcome_ts=ts + 0.03, **common,
+        ),
+        events.PolicyPublished(
+            policy="reinforce", algorithm="topk-reinforce", version=4, path="snapshots/4",
+            weights_sha256="ab" * 32, manifest_sha256="cd" * 32, created_ts=ts,
+            transitions_applied=128, metrics={"loss": 0.5},
+        ),
+        events.EpisodeOutcome(
+            ts=ts + 0.05, total_return=3.25, steps=1, clicks=1, clicked_quality_sum=0.75,
+            policy_steps={"reinforce:4": 1}, **common,
+        ),
+    ]  # fmt: skip
+
+
+def topic_for(record_type: type[Record]) -> str:
+    """The base topic name whose value type includes ``record_type``."""
+    for spec in topics.TOPIC_TABLE:
+        value = spec.value
+        members = getattr(value, "__args__", (value,))
+        if record_type in members:
+            return spec.base_name
+    raise KeyError(f"no topic carries {record_type.__name__}")
+
+
+def key_of(record: Record) -> str:
+    """The partition key the topic table names for ``record``'s topic."""
+    spec = topics.spec(topic_for(type(record)))
+    return str(getattr(record, spec.key))
+
+
+def round_trip(settings: Settings, records: list[Record], timeout: float = 30.0) -> list[Any]:
+    """Produce ``records`` to their topics and read them back through the DLQ consumer."""
+    from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_producer, produce_records
+    from recloop.kafka.dlq import DeadLetterConsumer
+
+    producer = make_producer(settings)
+    tracker = DeliveryTracker()
+    for record in records:
+        topic = settings.topics.name(topic_for(type(record)))
+        produce_records(producer, topic, [record], key_of, on_delivery=tracker)
+    flush_or_raise(producer, tracker)
+
+    bases = sorted({topic_for(type(r)) for r in records})
+    group = f"{settings.topic_prefix}demo-{time.time_ns()}"
+    got = []
+    with DeadLetterConsumer(settings, bases, group, name="recloop-demo") as consumer:
+        deadline = time.monotonic() + timeout
+        while len(got) < len(records) and time.monotonic() < deadline:
+            got.extend(consumer.poll_batch(100, timeout=0.5))
+        consumer.commit()
+    return got
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    app.command("demo")(demo)
+
+
+def demo(
+    bootstrap: str = typer.Option(
+        None, help="Kafka bootstrap (default: RECLOOP_KAFKA_BOOTSTRAP or 127.0.0.1:9092)"
+    ),
+) -> None:
+    """Start a local broker if none answers, create the topics and round-trip every event.
+
+    Example: recloop demo
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from recloop.kafka.admin import create_topics
+    from recloop.kafka.broker import BrokerError, start_detached
+
+    console = Console()
+    settings = Settings(kafka_bootstrap=bootstrap) if bootstrap else Settings()
+    host, _, port_s = settings.kafka_bootstrap.split(",")[0].rpartition(":")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise typer.BadParameter(f"bootstrap {settings.kafka_bootstrap!r} is not host:port") from None
+    _ensure_broker(console, host, port, start_detached, BrokerError)
+    result = create_topics(settings)
+    console.print(f"topics: {len(result.created)} created, {len(result.existing)} already there")
+
+    sent = example_events(time.time())
+    got = round_trip(settings, sent)
+    table = Table(title=f"round trip through Kafka at {settings.kafka_bootstrap}")
+    for col in ("type", "topic", "partition", "offset", "equal", "record"):
+        table.add_column(col)
+    by_type = {type(r).__name__: r for r in sent}
+    for c in sorted(got, key=lambda c: type(c.value).__name__):
+        name = type(c.value).__name__
+        same = "yes" if by_type.get(name) == c.value else "NO"
+        table.add_row(name, c.topic, str(c.partition), str(c.offset), same, _short(c.value))
+    console.print(table)
+    ok = len(got) == len(sent) and all(by_type[type(c.value).__name__] == c.value for c in got)
+    if not ok:
+        console.print(f"[red]round trip failed: sent {len(sent)}, got back {len(got)}[/red]")
+        raise typer.Exit(1)
+    console.print(f"[green]all {len(sent)} event types came back equal[/green]")
+
+
+def _ensure_broker(console: Any, host: str, port: int, start: Callable, error: type) -> None:
+    from recloop.kafka.broker import port_open
+
+    if port_open(port, host or "127.0.0.1"):
+        console.print(f"using the Kafka broker that answers at {host}:{port}")
+        return
+    if host not in ("127.0.0.1", "localhost", ""):
+        raise typer.BadParameter(f"no Kafka broker answers at {host}:{port}")
+    console.print(f"starting a local Kafka broker on 127.0.0.1:{port} ...")
+    try:
+        state = start(port=port)
+    except error as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"broker ready in {state.ready_seconds:.1f} s (pid {state.pid}); "
+                  "stop it with 'recloop kafka down'")
+
+
+def _short(record: Record, width: int = 70) -> str:
+    from core import codec
+
+    text = codec.encode(record).decode()
+    return text if len(text) <= width else text[: width - 3] + "..."

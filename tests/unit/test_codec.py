@@ -1,0 +1,206 @@
+"""The codec: every record round-trips, and every kind of malformed input is refused clearly."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core import codec, events
+from core.codec import RecordDecodeError
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+prob = st.floats(min_value=0.0, max_value=1.0)
+ids = st.text(min_size=1, max_size=12)
+items = st.lists(st.integers(min_value=0, max_value=10**9), max_size=6)
+natural = st.integers(min_value=0, max_value=10**6)
+views = st.builds(
+    events.UserView,
+    observation=st.lists(finite, max_size=4),
+    history=items,
+    history_rewards=st.lists(finite, max_size=4),
+    step=natural,
+    cumulative_reward=finite,
+)
+pending = st.builds(
+    events.PendingSlate,
+    request_id=ids,
+    step=natural,
+    items=items,
+    propensities=st.lists(prob, max_size=6),
+    policy=ids,
+    policy_version=natural,
+    candidates=items,
+    candidate_features=st.lists(st.lists(finite, max_size=3), max_size=3),
+    observation=st.lists(finite, max_size=3),
+    served_ts=finite,
+    impressed_positions=st.lists(natural, max_size=3),
+    click_expected=st.booleans(),
+    chosen_position=st.none() | natural,
+    reward=finite,
+    outcome_ts=finite,
+)
+
+
+NATURAL_FIELDS = {
+    "step",
+    "steps",
+    "position",
+    "policy_version",
+    "version",
+    "clicks",
+    "transitions_applied",
+}
+
+
+def _strategy(record_type: type) -> st.SearchStrategy:
+    """A strategy for any record: field strategies by name, the rest inferred from types."""
+    overrides: dict[str, st.SearchStrategy] = {
+        "k": st.integers(min_value=1, max_value=50),
+        "slate_size": st.integers(min_value=1, max_value=50),
+        "propensities": st.lists(prob, max_size=6),
+        "view": views,
+        "frontier": views,
+        "state": views,
+        "next_state": views,
+        "pending": st.lists(pending, max_size=2),
+        "early_feedback": st.deferred(
+            lambda: st.lists(
+                st.one_of(_strategy(events.Click), _strategy(events.SessionEnd)), max_size=2
+            )
+        ),
+        "metrics": st.dictionaries(ids, finite, max_size=3),
+        "policy_steps": st.dictionaries(ids, natural, max_size=3),
+        "chosen_position": st.none() | natural,
+        "chosen_item": st.none() | st.integers(min_value=0, max_value=10**9),
+        **{name: natural for name in NATURAL_FIELDS},
+    }
+    fields = {f.name: f.type for f in msgspec.structs.fields(record_type)}
+    chosen = {}
+    for name, annotation in fields.items():
+        if name == "v":
+            continue
+        if name in overrides:
+            chosen[name] = overrides[name]
+        elif annotation is str or annotation == "str":
+            chosen[name] = ids
+        elif annotation == events.Finite:
+            chosen[name] = finite
+        elif annotation == list[list[events.Finite]]:
+            chosen[name] = st.lists(st.lists(finite, max_size=3), max_size=3)
+        elif annotation == list[events.Finite]:
+            chosen[name] = st.lists(finite, max_size=4)
+        elif annotation == list[int]:
+            chosen[name] = items
+        elif annotation == list[str]:
+            chosen[name] = st.lists(ids, max_size=3)
+        elif annotation is bool:
+            chosen[name] = st.booleans()
+        elif annotation is int:
+            chosen[name] = st.integers(min_value=-(10**9), max_value=10**9)
+        else:
+            raise AssertionError(f"no strategy for {record_type.__name__}.{name}: {annotation!r}")
+    return st.builds(record_type, **chosen)
+
+
+@pytest.mark.parametrize("record_type", events.ALL_RECORD_TYPES, ids=lambda t: t.__name__)
+def test_every_record_round_trips(record_type: type) -> None:
+    @settings(max_examples=60, deadline=None)
+    @given(_strategy(record_type))
+    def check(record: events.Record) -> None:
+        assert codec.decode(codec.encode(record), record_type) == record
+
+    check()
+
+
+def test_feedback_union_decodes_each_member_by_its_tag() -> None:
+    click = events.Click(
+        event_id="e",
+        user_id="u",
+        session_id="s",
+        request_id="r",
+        item=3,
+        position=1,
+        reward=4.0,
+        ts=1.0,
+    )
+    end = events.SessionEnd(event_id="f", user_id="u", session_id="s", steps=2, ts=2.0)
+    assert codec.decode(codec.encode(click), events.Feedback) == click
+    assert codec.decode(codec.encode(end), events.Feedback) == end
+
+
+def _valid_click() -> dict:
+    return msgspec.json.decode(
+        codec.encode(
+            events.Click(
+                event_id="e",
+                user_id="u",
+                session_id="s",
+                request_id="r",
+                item=3,
+                position=1,
+                reward=4.0,
+                ts=1.0,
+            )
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected_in_message"),
+    [
+        (lambda d: d.pop("reward"), "reward"),
+        (lambda d: d.update(item="three"), "item"),
+        (lambda d: d.update(position=-1), "position"),
+        (lambda d: d.update(reward=1e400), "non-finite"),
+        (lambda d: d.update(v=99), "schema version 99"),
+        (lambda d: d.update(type="NoSuchEvent"), "NoSuchEvent"),
+    ],
+    ids=["missing-field", "wrong-type", "negative-position", "infinite", "version", "unknown-tag"],
+)
+def test_malformed_record_raises_clear_error(mutate, expected_in_message: str) -> None:
+    data = _valid_click()
+    mutate(data)
+    raw = msgspec.json.encode(data)
+    if expected_in_message == "non-finite":
+        # msgspec would encode inf as null; write the out-of-range literal into the bytes.
+        raw = msgspec.json.encode({**data, "reward": 0}).replace(b'"reward":0', b'"reward":1e400')
+    with pytest.raises(RecordDecodeError) as info:
+        codec.decode(raw, events.Feedback)
+    assert expected_in_message in str(info.value)
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"null"])
+def test_non_finite_reward_is_refused(literal: bytes) -> None:
+    raw = msgspec.json.encode({**_valid_click(), "reward": 0}).replace(
+        b'"reward":0', b'"reward":' + literal
+    )
+    with pytest.raises(RecordDecodeError):
+        codec.decode(raw, events.Click)
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=200, deadline=None)
+def test_arbitrary_bytes_never_escape_as_another_error(data: bytes) -> None:
+    try:
+        codec.decode(data, events.Feedback)
+    except RecordDecodeError as exc:
+        assert "cannot decode" in str(exc)
+
+
+def test_empty_value_is_refused() -> None:
+    with pytest.raises(RecordDecodeError, match="empty"):
+        codec.decode(None, events.RecRequest)
+
+
+def test_nan_in_a_list_of_finite_floats_is_refused() -> None:
+    request = events.RecRequest(
+        request_id="r", user_id="u", session_id="s", step=0, ts=1.0, k=3, observation=[0.5]
+    )
+    raw = codec.encode(request).replace(b"[0.5]", b"[NaN]")
+    with pytest.raises(RecordDecodeError):
+        codec.decode(raw, events.RecRequest)
+    assert not math.isnan(codec.decode(codec.encode(request), events.RecRequest).observation[0])
