@@ -8,6 +8,7 @@ makes them take turns, so the first upgrades and the others find the schema at h
 from __future__ import annotations
 
 import fcntl
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,9 @@ from storage.engine import make_engine
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Any fixed 64-bit number; it names recloop's migration lock among advisory locks.
 _PG_LOCK_KEY = 0x7265636C6F6F70  # "recloop"
+# alembic's ``context``/``op`` are module-level proxies: two threads must never migrate at
+# once, not even two different databases.
+_ALEMBIC_LOCK = threading.Lock()
 
 
 def alembic_config() -> Config:
@@ -49,7 +53,7 @@ def migrate(url_or_engine: str | Engine, revision: str = "head") -> str | None:
     """Upgrade the database to ``revision`` (the latest by default); return where it ends up."""
     engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     try:
-        with _migration_lock(engine) as conn:
+        with _migration_lock(engine) as conn, _ALEMBIC_LOCK:
             config = alembic_config()
             config.attributes["connection"] = conn
             command.upgrade(config, revision)
