@@ -9,7 +9,8 @@ version all raise ``RecordDecodeError`` with a message that names the problem.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, TypeVar
+from collections.abc import Hashable
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -57,7 +58,7 @@ def decode(data: bytes | bytearray | memoryview | None, record_type: type[R] | A
     if data is None:
         raise RecordDecodeError(_type_name(record_type), "empty message (null value)")
     try:
-        record = _decoder(record_type).decode(data)
+        record = _decoder(cast(Hashable, record_type)).decode(data)
     except msgspec.ValidationError as exc:
         raise RecordDecodeError(_type_name(record_type), _explain(str(exc))) from None
     except msgspec.DecodeError as exc:
