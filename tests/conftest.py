@@ -1,10 +1,10 @@
 """Shared fixtures: one real Kafka broker per test session, and per-test topic sets on it.
 
 ``kafka_broker`` starts a ``LocalBroker`` (the same code as ``recloop kafka up``) on free
-loopback ports. The JVM is stopped by the fixture's teardown; as belts and braces an atexit
-hook stops it too, and Linux's parent-death signal ends it if pytest itself is killed. If the
-broker cannot start, every test that needs it errors: the integration tier fails, it never
-skips.
+loopback ports, with the quick-start JIT (a test session's broker lives minutes, not days).
+The JVM is stopped by the fixture's teardown; as belts and braces an atexit hook stops it
+too, and Linux's parent-death signal ends it if pytest itself is killed. If the broker cannot
+start, every test that needs it errors: the integration tier fails, it never skips.
 
 ``kafka_settings`` gives each test a unique topic prefix on that broker with every topic of
 the table created, and deletes them afterwards so a long session keeps the broker small.
@@ -28,7 +28,7 @@ from recloop.kafka.broker import LocalBroker
 
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
-    broker = LocalBroker(tmp_path_factory.mktemp("kafka"), die_with_parent=True)
+    broker = LocalBroker(tmp_path_factory.mktemp("kafka"), die_with_parent=True, quick_start=True)
     atexit.register(broker.stop)
     try:
         t0 = time.monotonic()

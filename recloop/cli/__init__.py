@@ -24,6 +24,9 @@ app.add_typer(bench, name="bench")
 
 _COMMAND_MODULES = [
     "recloop.cli.kafka",
+    "recloop.cli.demo",
+    "recloop.cli.learn",
+    "recloop.cli.db",
 ]
 
 

@@ -8,7 +8,6 @@ issues grow it into the full loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -25,36 +24,48 @@ def example_events(ts: float = 1_700_000_000.0) -> list[Record]:
         cumulative_reward=1.5,
     )  # fmt: skip
     pending = events.PendingSlate(
-        request_id="r-2", items=[3, 9], propensities=[0.5, 0.25], policy="reinforce",
+        request_id="r-2", step=1, items=[3, 9], propensities=[0.5, 0.25], policy="reinforce",
         policy_version=4, candidates=[3, 9, 11], candidate_features=[[0.1], [0.2], [0.3]],
-        served_ts=ts,
+        served_ts=ts, impressed_positions=[0],
     )  # fmt: skip
-    common = {"user_id": "u-1", "session_id": "s-1"}
+    uid, sid = "u-1", "s-1"
     return [
         events.RecRequest(
             request_id="r-1", step=0, ts=ts, k=2, observation=[0.25, -1.0],
-            candidates=[3, 9, 11], candidate_features=[[0.1], [0.2], [0.3]], **common,
+            candidates=[3, 9, 11], candidate_features=[[0.1], [0.2], [0.3]], user_id=uid,
+            session_id=sid,
         ),
         events.SlateServed(
             request_id="r-1", step=0, ts=ts + 0.01, request_ts=ts, items=[9, 3],
             scores=[2.5, -0.5], propensities=[0.7, 0.3], policy="reinforce", policy_version=4,
-            candidates=[3, 9, 11], **common,
+            candidates=[3, 9, 11], user_id=uid, session_id=sid,
         ),
         events.Impression(
             event_id="e-1", request_id="r-1", item=9, position=0, slate_size=2, clicked=True,
-            ts=ts + 0.02, **common,
+            ts=ts + 0.02, user_id=uid, session_id=sid,
         ),
         events.Click(
             event_id="e-2", request_id="r-1", item=9, position=0, reward=3.25, ts=ts + 0.03,
-            **common,
+            user_id=uid, session_id=sid,
         ),
-        events.SessionEnd(event_id="e-3", steps=1, ts=ts + 0.04, reason="budget", **common),
-        events.SessionState(view=view, pending=pending, ended=False, last_event_ts=ts, **common),
+        events.SessionEnd(
+            event_id="e-3", steps=1, ts=ts + 0.04, reason="budget", user_id=uid, session_id=sid,
+        ),
+        events.SessionState(
+            view=view, frontier=view, pending=[pending], recent_ids=["e-0"],
+            early_feedback=[
+                events.Click(
+                    event_id="e-0", request_id="r-2", item=3, position=0, reward=1.0, ts=ts,
+                    user_id=uid, session_id=sid,
+                )
+            ],
+            ended=False, last_event_ts=ts, user_id=uid, session_id=sid,
+        ),
         events.Transition(
             transition_id="u-1/s-1/r-1", request_id="r-1", state=view, slate=[9, 3],
             propensities=[0.7, 0.3], policy="reinforce", policy_version=4, chosen_item=9,
             chosen_position=0, reward=3.25, next_state=view, done=True, served_ts=ts,
-            outcome_ts=ts + 0.03, **common,
+            outcome_ts=ts + 0.03, user_id=uid, session_id=sid,
         ),
         events.PolicyPublished(
             policy="reinforce", algorithm="topk-reinforce", version=4, path="snapshots/4",
@@ -63,7 +74,7 @@ def example_events(ts: float = 1_700_000_000.0) -> list[Record]:
         ),
         events.EpisodeOutcome(
             ts=ts + 0.05, total_return=3.25, steps=1, clicks=1, clicked_quality_sum=0.75,
-            policy_steps={"reinforce:4": 1}, **common,
+            policy_steps={"reinforce:4": 1}, user_id=uid, session_id=sid,
         ),
     ]  # fmt: skip
 
@@ -85,8 +96,18 @@ def key_of(record: Record) -> str:
 
 
 def round_trip(settings: Settings, records: list[Record], timeout: float = 30.0) -> list[Any]:
-    """Produce ``records`` to their topics and read them back through the DLQ consumer."""
-    from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_producer, produce_records
+    """Produce ``records`` to their topics and read them back through the DLQ consumer.
+
+    Returns the consumed messages equal to the records, in the order sent; a record not seen
+    within ``timeout`` is missing from the result. Older messages on the topics (an earlier
+    run's) are read past, so callers should make their records unique (a fresh ``ts``).
+    """
+    from recloop.kafka.clients import (
+        DeliveryTracker,
+        flush_or_raise,
+        make_producer,
+        produce_records,
+    )
     from recloop.kafka.dlq import DeadLetterConsumer
 
     producer = make_producer(settings)
@@ -98,13 +119,17 @@ def round_trip(settings: Settings, records: list[Record], timeout: float = 30.0)
 
     bases = sorted({topic_for(type(r)) for r in records})
     group = f"{settings.topic_prefix}demo-{time.time_ns()}"
-    got = []
+    found: dict[int, Any] = {}
     with DeadLetterConsumer(settings, bases, group, name="recloop-demo") as consumer:
         deadline = time.monotonic() + timeout
-        while len(got) < len(records) and time.monotonic() < deadline:
-            got.extend(consumer.poll_batch(100, timeout=0.5))
+        while len(found) < len(records) and time.monotonic() < deadline:
+            for consumed in consumer.poll_batch(100, timeout=0.5):
+                for i, record in enumerate(records):
+                    if i not in found and consumed.value == record:
+                        found[i] = consumed
+                        break
         consumer.commit()
-    return got
+    return [found[i] for i in sorted(found)]
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -123,8 +148,7 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from recloop.kafka.admin import create_topics
-    from recloop.kafka.broker import BrokerError, start_detached
+    from recloop.kafka.admin import TopicError, create_topics
 
     console = Console()
     settings = Settings(kafka_bootstrap=bootstrap) if bootstrap else Settings()
@@ -132,31 +156,37 @@ def demo(
     try:
         port = int(port_s)
     except ValueError:
-        raise typer.BadParameter(f"bootstrap {settings.kafka_bootstrap!r} is not host:port") from None
-    _ensure_broker(console, host, port, start_detached, BrokerError)
-    result = create_topics(settings)
+        raise typer.BadParameter(
+            f"bootstrap {settings.kafka_bootstrap!r} is not host:port"
+        ) from None
+    _ensure_broker(console, settings, host, port)
+    try:
+        result = create_topics(settings)
+    except TopicError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
     console.print(f"topics: {len(result.created)} created, {len(result.existing)} already there")
 
     sent = example_events(time.time())
     got = round_trip(settings, sent)
     table = Table(title=f"round trip through Kafka at {settings.kafka_bootstrap}")
-    for col in ("type", "topic", "partition", "offset", "equal", "record"):
+    for col in ("type", "topic", "partition", "offset", "record (as read back)"):
         table.add_column(col)
-    by_type = {type(r).__name__: r for r in sent}
-    for c in sorted(got, key=lambda c: type(c.value).__name__):
+    for c in got:
         name = type(c.value).__name__
-        same = "yes" if by_type.get(name) == c.value else "NO"
-        table.add_row(name, c.topic, str(c.partition), str(c.offset), same, _short(c.value))
+        table.add_row(name, c.topic, str(c.partition), str(c.offset), _short(c.value))
     console.print(table)
-    ok = len(got) == len(sent) and all(by_type[type(c.value).__name__] == c.value for c in got)
-    if not ok:
-        console.print(f"[red]round trip failed: sent {len(sent)}, got back {len(got)}[/red]")
+    if len(got) != len(sent):
+        back = {type(c.value) for c in got}
+        missing = ", ".join(type(r).__name__ for r in sent if type(r) not in back)
+        console.print(f"[red]round trip failed: {missing} did not come back equal[/red]")
         raise typer.Exit(1)
     console.print(f"[green]all {len(sent)} event types came back equal[/green]")
 
 
-def _ensure_broker(console: Any, host: str, port: int, start: Callable, error: type) -> None:
-    from recloop.kafka.broker import port_open
+def _ensure_broker(console: Any, settings: Settings, host: str, port: int) -> None:
+    """Use the broker at host:port if one answers, else start the local one there."""
+    from recloop.kafka.broker import BrokerError, port_open, start_detached
 
     if port_open(port, host or "127.0.0.1"):
         console.print(f"using the Kafka broker that answers at {host}:{port}")
@@ -165,12 +195,14 @@ def _ensure_broker(console: Any, host: str, port: int, start: Callable, error: t
         raise typer.BadParameter(f"no Kafka broker answers at {host}:{port}")
     console.print(f"starting a local Kafka broker on 127.0.0.1:{port} ...")
     try:
-        state = start(port=port)
-    except error as exc:
+        state = start_detached(port, settings.home)
+    except BrokerError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
-    console.print(f"broker ready in {state.ready_seconds:.1f} s (pid {state.pid}); "
-                  "stop it with 'recloop kafka down'")
+    console.print(
+        f"broker ready in {state.ready_seconds:.1f} s (pid {state.pid}); "
+        "stop it with 'recloop kafka down'"
+    )
 
 
 def _short(record: Record, width: int = 70) -> str:

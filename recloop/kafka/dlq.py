@@ -38,10 +38,12 @@ class Consumed:
 
 @dataclass
 class PollStats:
-    """Counts since the consumer was made: what was returned and what was dead-lettered."""
+    """Counts since the consumer was made: returned, dead-lettered, and transient errors seen."""
 
     returned: int = 0
     dead_lettered: int = 0
+    errors: int = 0
+    last_error: str | None = None
 
 
 class DeadLetterConsumer:
@@ -83,32 +85,40 @@ class DeadLetterConsumer:
     def poll_batch(self, max_records: int = 500, timeout: float = 1.0) -> list[Consumed]:
         """Up to ``max_records`` decoded messages, waiting at most ``timeout`` seconds.
 
-        Undecodable messages are dead-lettered and left out; Kafka errors other than
-        end-of-partition raise ``KafkaException``.
+        Undecodable messages are dead-lettered and left out. Transient Kafka errors are
+        counted in ``stats``; a fatal one raises ``KafkaException``.
         """
         messages = self._consumer.consume(num_messages=max_records, timeout=timeout)
         out: list[Consumed] = []
         for msg in messages:
             err = msg.error()
             if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaException(err)
-            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                # librdkafka recovers from non-fatal errors by itself; a fatal one leaves the
+                # consumer unusable, and raising loses nothing because nothing was committed.
+                if err.fatal():
+                    raise KafkaException(err)
+                if err.code() != KafkaError._PARTITION_EOF:
+                    self.stats.last_error = err.str()
+                    self.stats.errors += 1
+                continue
+            topic, partition, offset = _where(msg)
             try:
                 record = codec.decode(msg.value(), self.value_types[topic])
             except codec.RecordDecodeError as exc:
-                self._dead_letter(msg, str(exc))
+                self._dead_letter(msg, topic, partition, offset, str(exc))
             else:
-                ts_type, ts = msg.timestamp()
+                _, ts = msg.timestamp()
                 out.append(Consumed(topic, partition, offset, msg.key(), record, ts))
                 self.stats.returned += 1
             self._positions[(topic, partition)] = offset + 1
         return out
 
-    def _dead_letter(self, msg: Message, error: str) -> None:
-        topic = msg.topic()
-        headers = dlq_headers(error, topic, msg.partition(), msg.offset(), self.name)
+    def _dead_letter(
+        self, msg: Message, topic: str, partition: int, offset: int, error: str
+    ) -> None:
+        headers: list[tuple[str, str | bytes | None]] = list(
+            dlq_headers(error, topic, partition, offset, self.name)
+        )
         while True:
             try:
                 self._producer.produce(
@@ -168,3 +178,10 @@ class DeadLetterConsumer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _where(msg: Message) -> tuple[str, int, int]:
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    # Only error events lack a position, and poll_batch has set those aside already.
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset

@@ -2,40 +2,43 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+import typer
 from confluent_kafka import TopicPartition
+from typer.testing import CliRunner
 
 from core.settings import Settings
+from recloop.cli import kafka as cli_kafka
 from recloop.kafka.admin import create_topics, planned_topics
 from recloop.kafka.broker import (
     KAFKA_VERSION,
+    BrokerError,
     LocalBroker,
     describe_group,
+    free_port,
     pid_running,
-    port_open,
+    read_state,
 )
 from recloop.kafka.clients import make_admin, make_consumer, make_producer
 
 pytestmark = pytest.mark.integration
 
 
-def test_broker_starts_serves_and_stops_leaving_no_jvm(tmp_path):
-    # A second broker of its own, so the session broker's lifetime is not under test here.
-    broker = LocalBroker(tmp_path / "kafka", die_with_parent=True)
-    with broker:
-        pid = broker.pid
-        assert pid is not None and pid_running(pid)
-        assert port_open(broker.port)
-        assert broker.ready_seconds is not None and broker.ready_seconds < 120
-        metadata = make_admin(Settings(kafka_bootstrap=broker.bootstrap)).list_topics(timeout=10)
-        assert [b.id for b in metadata.brokers.values()] == [1]
-        assert (broker.libs_dir / f"org.apache.kafka.kafka_2.13-{KAFKA_VERSION}.jar").exists()
-    assert not pid_running(pid)
-    assert not port_open(broker.port)
-    assert not broker.is_alive()
-    broker.stop()  # a second stop is harmless
+def test_session_broker_is_a_single_kraft_node_from_the_versioned_jars(kafka_broker):
+    assert kafka_broker.pid is not None and pid_running(kafka_broker.pid)
+    assert kafka_broker.ready_seconds is not None and kafka_broker.ready_seconds < 120
+    metadata = make_admin(Settings(kafka_bootstrap=kafka_broker.bootstrap)).list_topics(timeout=10)
+    assert [b.id for b in metadata.brokers.values()] == [1]
+    assert kafka_broker.libs_dir.parent.name == f"kafka-{KAFKA_VERSION}"
+    assert (kafka_broker.libs_dir / f"org.apache.kafka.kafka_2.13-{KAFKA_VERSION}.jar").exists()
+    # The log4j binding is on the classpath, so the broker writes its log.
+    assert "Kafka Server started" in kafka_broker.log_file.read_text()
 
 
 def test_topics_are_created_with_layout_and_idempotently(kafka_settings: Settings):
@@ -75,10 +78,103 @@ def test_consumer_group_command_reports_the_lag_we_left(kafka_settings: Settings
         msg = consumer.poll(0.5)
         if msg is not None and not msg.error():
             consumed.append(msg)
-    consumer.commit(offsets=[TopicPartition(topic, 0, consumed[3].offset() + 1)], asynchronous=False)
+    consumer.commit(
+        offsets=[TopicPartition(topic, 0, consumed[3].offset() + 1)], asynchronous=False
+    )
     consumer.close()
 
     rows = describe_group(kafka_broker.bootstrap, group)
     assert [(r.topic, r.partition, r.current_offset, r.log_end_offset, r.lag) for r in rows] == [
         (topic, 0, 4, 10, 6)
     ]
+
+
+def test_a_broker_that_dies_at_start_is_a_clear_error_with_its_log(tmp_path):
+    broker = LocalBroker(tmp_path / "kafka", die_with_parent=True, quick_start=True)
+    # A data dir formatted for another node id: Kafka refuses to start on it.
+    (broker.data_dir).mkdir(parents=True)
+    (broker.data_dir / "meta.properties").write_text(
+        "version=1\ncluster.id=AAAAAAAAAAAAAAAAAAAAAQ\nnode.id=7\n"
+        "directory.id=AAAAAAAAAAAAAAAAAAAAAg\n"
+    )
+    with pytest.raises(BrokerError, match=r"exited \(code \d+\) before it was ready") as info:
+        broker.start()
+    assert "server.log" in str(info.value) or "console.log" in str(info.value)
+    assert broker.pid is None
+
+
+def test_cli_kafka_up_status_down_across_invocations(tmp_path, monkeypatch):
+    # Each invoke is a separate command run; only the state file under RECLOOP_HOME links them.
+    monkeypatch.setenv("RECLOOP_HOME", str(tmp_path))
+    app, bench = typer.Typer(), typer.Typer()
+    cli_kafka.register(app, bench)
+    runner = CliRunner()
+    port = free_port()
+
+    def cli(*args: str):  # type: ignore[no-untyped-def]
+        return runner.invoke(app, list(args))
+
+    assert cli("kafka", "status").exit_code == 1
+    up = cli("kafka", "up", "--port", str(port))
+    assert up.exit_code == 0, up.output
+    state = read_state(tmp_path)
+    try:
+        assert state is not None and state.port == port and pid_running(state.pid)
+        status = cli("kafka", "status")
+        assert status.exit_code == 0 and "accepting connections" in status.output
+        topics = cli("topics", "create", "--bootstrap", f"127.0.0.1:{port}", "--partitions", "2")
+        assert topics.exit_code == 0, topics.output
+        assert topics.output.count("created") == len(planned_topics(Settings()))
+    finally:
+        down = cli("kafka", "down")
+    assert down.exit_code == 0 and str(state.pid) in down.output
+    assert not pid_running(state.pid)
+    assert read_state(tmp_path) is None
+    assert cli("kafka", "status").exit_code == 1
+
+
+NESTED_CONFTEST = "from tests.conftest import kafka_broker  # noqa: F401\n"
+NESTED_TEST = """
+import os, pathlib, time
+
+def test_inner(kafka_broker):
+    pathlib.Path(os.environ["PIDFILE"]).write_text(str(kafka_broker.pid))
+    if os.environ["HOW"] == "fail":
+        raise AssertionError("deliberate failure")
+    time.sleep(300)  # wait here to be killed
+"""
+
+
+@pytest.mark.parametrize("how", ["fail", "sigkill"])
+def test_session_fixture_leaves_no_jvm_when_a_test_fails_or_pytest_dies(tmp_path, how):
+    (tmp_path / "conftest.py").write_text(NESTED_CONFTEST)
+    (tmp_path / "test_inner.py").write_text(NESTED_TEST)
+    pidfile = tmp_path / "pid"
+    env = {**os.environ, "PIDFILE": str(pidfile), "HOW": how}
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "pytest", str(tmp_path), "-q", "-p", "no:cacheprovider"]
+    inner = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not pidfile.exists() or not pidfile.read_text():
+            assert inner.poll() is None, inner.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "inner session never started its broker"
+            time.sleep(0.2)
+        jvm = int(pidfile.read_text())
+        assert pid_running(jvm)
+        if how == "sigkill":
+            inner.kill()  # no teardown, no atexit: only the parent-death signal is left
+        inner.wait(60)
+    finally:
+        if inner.poll() is None:
+            inner.kill()
+            inner.wait()
+    output = inner.stdout.read().decode()
+    if how == "fail":
+        assert inner.returncode == 1 and "deliberate failure" in output, output[-3000:]
+    deadline = time.monotonic() + 30
+    while pid_running(jvm) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not pid_running(jvm), f"JVM {jvm} outlived the test session ({how})"
