@@ -84,7 +84,9 @@ def embedding_catalogue(
     emb_ND = centres_CD[cluster_N] + spread * rng.normal(size=(n_items, dim)) / np.sqrt(dim)
     emb_ND /= np.linalg.norm(emb_ND, axis=1, keepdims=True)
     quality_N = rng.normal(np.asarray(cluster_quality_means)[cluster_N], quality_std)
-    return Catalogue(cluster_N, quality_N, np.full(n_items, float(length)), emb_ND.astype(np.float32))
+    return Catalogue(
+        cluster_N, quality_N, np.full(n_items, float(length)), emb_ND.astype(np.float32)
+    )
 
 
 def sample_candidates(

@@ -44,15 +44,16 @@ class MyopicOraclePolicy:
         self._world = world
 
     def recommend(self, observation: Observation, candidates: Candidates, k: int) -> Slate:
-        interests_D = observation.user_obs.astype(np.float64)
+        interests_D = observation.user_obs.astype(candidates.features_NF.dtype)
         affinity_N = candidates.features_NF @ interests_D
-        # Click probability of each item shown alone: monotone in affinity for every choice
-        # model here, so ranking by it ranks by true click probability.
-        click_N = self._world.choice.probabilities(affinity_N[:, None])[:, 0]
-        top_K = np.argpartition(-click_N, k - 1)[:k] if k < len(click_N) else np.arange(len(click_N))
-        top_K = top_K[np.argsort(-click_N[top_K], kind="stable")]
+        # Every choice model here gives a lone item a click probability that rises with its
+        # affinity, so the top-k by affinity are the top-k by true click probability.
+        n = affinity_N.shape[0]
+        top_K = np.argpartition(-affinity_N, k - 1)[:k] if k < n else np.arange(n)
+        top_K = top_K[np.argsort(-affinity_N[top_K], kind="stable")]
+        click_K = self._world.choice.probabilities(affinity_N[top_K, None].astype(np.float64))[:, 0]
         return Slate(
             items=candidates.ids[top_K].astype(np.int64),
-            scores=click_N[top_K],
+            scores=click_K,
             propensities=np.ones(k),
         )

@@ -75,7 +75,13 @@ def tiny_world(seed: int = 0, slate_size: int = 2) -> World:
     # Every step costs exactly one unit of budget: a click watches 1, a miss costs 1, and
     # quality 0 refunds nothing; so the return is the number of clicks in ten steps.
     users = InterestUsers(
-        UserConfig(dim=n, time_budget=10.0, no_click_cost=1.0, interest_step=0.0, prototypes=TINY_PROTOTYPES)
+        UserConfig(
+            dim=n,
+            time_budget=10.0,
+            no_click_cost=1.0,
+            interest_step=0.0,
+            prototypes=TINY_PROTOTYPES,
+        )
     )
     return World(
         name="tiny_world",

@@ -4,7 +4,7 @@ This is RecSim's interest-evolution user (``IEvUserModel`` with ``UtilityModelUs
 vectorised over users:
 
 - state: interests u ∈ [-1, 1]^D and a time budget b (200 minutes);
-- observation: the interests themselves (RecSim exposes them too);
+- observation: the interests themselves, to 6 decimals (RecSim exposes them too);
 - affinity for an item with features f: ⟨u, f⟩ (the choice model turns it into clicks);
 - response: a click on item d watches w = min(b, length_d); the reward is w;
 - state update on a click: b ← b − w + ρ·w·quality_d (ρ = 0.9/3.4, "about 0.26"), and the
@@ -99,8 +99,12 @@ class InterestUsers:
 
     @staticmethod
     def observe(interests_UD: np.ndarray) -> np.ndarray:
-        """What the recommender may see: the interests, as float32."""
-        return interests_UD.astype(np.float32)
+        """What the recommender may see: the interests, rounded to 6 decimals (float64).
+
+        Rounded so that the wire carries short decimals rather than 17-digit noise, and an
+        in-process policy sees exactly the values serving decodes from a RecRequest.
+        """
+        return np.round(interests_UD, 6)
 
     @staticmethod
     def affinity(interests_UD: np.ndarray, features_UKF: np.ndarray) -> np.ndarray:
@@ -120,7 +124,11 @@ class InterestUsers:
         return np.clip(interests_UD + sign_U[:, None] * delta_UD, -1.0, 1.0)
 
     def spend(
-        self, budget_U: np.ndarray, clicked_U: np.ndarray, watch_U: np.ndarray, quality_U: np.ndarray
+        self,
+        budget_U: np.ndarray,
+        clicked_U: np.ndarray,
+        watch_U: np.ndarray,
+        quality_U: np.ndarray,
     ) -> np.ndarray:
         """Budget after one step: watch time minus the quality refund, or the no-click cost."""
         cfg = self.config

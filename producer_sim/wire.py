@@ -14,9 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
-from core.events import Click, EpisodeOutcome, Impression, RecRequest, Record, SessionEnd, SlateServed
+from core.events import (
+    Click,
+    EpisodeOutcome,
+    Impression,
+    Record,
+    RecRequest,
+    SessionEnd,
+    SlateServed,
+)
 from core.ports import Slate
 
 
@@ -38,11 +44,14 @@ def make_request(
     step: int,
     ts: float,
     k: int,
-    observation_D: np.ndarray,
-    candidates_C: np.ndarray | None,
-    candidate_features_CF: np.ndarray | None,
+    observation: list[float],
+    candidates: list[int],
+    candidate_features: list[list[float]],
 ) -> RecRequest:
-    """A request for a slate of ``k``; no candidates means "the whole catalogue"."""
+    """A request for a slate of ``k``; empty ``candidates`` means "the whole catalogue".
+
+    Takes plain lists: the caller converts numpy arrays once per batch, not per request.
+    """
     session_id = session_id_for(user_id)
     return RecRequest(
         request_id=request_id_for(session_id, step),
@@ -51,9 +60,9 @@ def make_request(
         step=step,
         ts=ts,
         k=k,
-        observation=observation_D.tolist(),
-        candidates=[] if candidates_C is None else candidates_C.tolist(),
-        candidate_features=[] if candidate_features_CF is None else candidate_features_CF.tolist(),
+        observation=observation,
+        candidates=candidates,
+        candidate_features=candidate_features,
     )
 
 
@@ -118,7 +127,11 @@ def make_feedback(
             )
         )
     if done:
-        out.append(SessionEnd(event_id=f"{sid}-end", user_id=uid, session_id=sid, steps=request.step + 1, ts=ts))
+        out.append(
+            SessionEnd(
+                event_id=f"{sid}-end", user_id=uid, session_id=sid, steps=request.step + 1, ts=ts
+            )
+        )
     return out
 
 

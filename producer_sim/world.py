@@ -68,7 +68,9 @@ class World:
     def click_probabilities(self, user_obs_UD: np.ndarray, slate_UK: np.ndarray) -> np.ndarray:
         """True choice probabilities (U, K + 1; last column: no click) of users whose interests
         are ``user_obs_UD`` for the given slates. Ground truth: only baselines may use it."""
-        affinity_UK = self.users.affinity(user_obs_UD.astype(np.float64), self.item_features(slate_UK))
+        affinity_UK = self.users.affinity(
+            user_obs_UD.astype(np.float64), self.item_features(slate_UK)
+        )
         return self.choice.probabilities(affinity_UK)
 
 
@@ -99,7 +101,9 @@ class Simulation:
         """Put fresh users into ``slots``, numbered in order."""
         slots = np.asarray(slots, dtype=np.int64)
         pop = self.pop
-        pop.interests_UD[slots], pop.budget_U[slots] = self.world.users.sample(len(slots), self.rng_users)
+        pop.interests_UD[slots], pop.budget_U[slots] = self.world.users.sample(
+            len(slots), self.rng_users
+        )
         pop.steps_U[slots] = 0
         pop.return_U[slots] = 0.0
         pop.clicks_U[slots] = 0
@@ -112,7 +116,7 @@ class Simulation:
         self.pop.active_U[np.asarray(slots, dtype=np.int64)] = False
 
     def observe(self, slots: np.ndarray) -> np.ndarray:
-        """Observations of ``slots``, shape (U, D) float32."""
+        """Observations of ``slots``, shape (U, D) float64 (see ``InterestUsers.observe``)."""
         return self.world.users.observe(self.pop.interests_UD[slots])
 
     def candidates(self, slots: np.ndarray) -> np.ndarray | None:
@@ -135,13 +139,17 @@ class Simulation:
         rows_U = np.arange(len(slots))
         item_U = np.where(clicked_U, slate_UK[rows_U, np.maximum(position_U, 0)], -1)
         safe_item_U = np.maximum(item_U, 0)
-        watch_U = np.where(clicked_U, np.minimum(pop.budget_U[slots], cat.length_N[safe_item_U]), 0.0)
+        watch_U = np.where(
+            clicked_U, np.minimum(pop.budget_U[slots], cat.length_N[safe_item_U]), 0.0
+        )
         quality_U = np.where(clicked_U, cat.quality_N[safe_item_U], 0.0)
 
         if clicked_U.any():
             who = np.flatnonzero(clicked_U)
             pop.interests_UD[slots[who]] = world.users.update_interests(
-                interests_UD[who], features_UKF[who, position_U[who]].astype(np.float64), self.rng_users
+                interests_UD[who],
+                features_UKF[who, position_U[who]].astype(np.float64),
+                self.rng_users,
             )
         pop.budget_U[slots] = world.users.spend(pop.budget_U[slots], clicked_U, watch_U, quality_U)
         pop.steps_U[slots] += 1

@@ -27,6 +27,7 @@ _COMMAND_MODULES = [
     "recloop.cli.demo",
     "recloop.cli.learn",
     "recloop.cli.db",
+    "recloop.cli.sim",
 ]
 
 

@@ -11,7 +11,7 @@ work (at-least-once; transitions carry deterministic ids) but never lose a recor
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,7 @@ class DeadLetterConsumer:
         value_types: Mapping[str, Any] | None = None,
         consumer_config: Mapping[str, Any] | None = None,
         producer: Producer | None = None,
+        on_assign: Callable[[Consumer, list[TopicPartition]], None] | None = None,
     ) -> None:
         resolved = settings.topics
         self.value_types: dict[str, Any] = {
@@ -78,7 +79,12 @@ class DeadLetterConsumer:
         # Next offset to commit per partition: one past the last message we handled.
         self._positions: dict[tuple[str, int], int] = {}
         self.stats = PollStats()
-        self._consumer.subscribe(list(self.value_types), on_revoke=self._on_revoke)
+        # ``on_assign`` lets a caller start partitions elsewhere than the committed offsets
+        # (the learner resumes from its snapshot's offsets); it must call consumer.assign.
+        subscribe_args: dict[str, Any] = {"on_revoke": self._on_revoke}
+        if on_assign is not None:
+            subscribe_args["on_assign"] = on_assign
+        self._consumer.subscribe(list(self.value_types), **subscribe_args)
 
     # -- reading -----------------------------------------------------------------------------
 
