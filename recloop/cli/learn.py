@@ -1,0 +1,66 @@
+"""``recloop learn``: the online learner service."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import typer
+
+from core.settings import Settings
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    app.command(
+        "learn",
+        help=(
+            "Consume rec.transitions, update one algorithm online and publish versioned "
+            "snapshots.\n\nExample: recloop learn --algo slateq --preset interest_evolution"
+        ),
+    )(learn)
+
+
+def learn(
+    algo: str = typer.Option("slateq", help="Algorithm name (see learner.registry)."),
+    policy: str = typer.Option("", help="Policy name for snapshots; default: the algorithm."),
+    preset: str = typer.Option("interest_evolution", help="World preset the sizes come from."),
+    slate_size: int = typer.Option(3, min=1, help="Slate size K of the world."),
+    num_candidates: int = typer.Option(10, min=0, help="Candidates per request (0: catalogue)."),
+    seed: int = typer.Option(0, help="Seed of the agent."),
+    snapshot_every: int = typer.Option(500, min=1, help="Publish after this many transitions."),
+    snapshot_seconds: float = typer.Option(10.0, min=0.1, help="...or after this many seconds."),
+    duration: float = typer.Option(0.0, min=0.0, help="Stop after this many seconds (0: never)."),
+) -> None:
+    from learner import registry
+    from recloop.services.learn import LearnConfig, LearnerService
+    from recloop.worlds import learner_spec, preset_names
+    from storage.store import Storage
+
+    if algo not in registry.names():
+        raise typer.BadParameter(
+            f"unknown algorithm {algo!r}; known: {', '.join(registry.names())}", param_hint="--algo"
+        )
+    if preset not in preset_names():
+        raise typer.BadParameter(
+            f"unknown preset {preset!r}; known: {', '.join(preset_names())}", param_hint="--preset"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(message)s")
+    settings = Settings()
+    options = {"slate_size": slate_size}
+    if preset == "interest_evolution":
+        options["num_candidates"] = num_candidates
+    spec = learner_spec(preset, **options)
+    config = LearnConfig(
+        algo=algo,
+        policy=policy or algo,
+        seed=seed,
+        snapshot_every_transitions=snapshot_every,
+        snapshot_every_s=snapshot_seconds,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with Storage.from_settings(settings) as storage:
+        service = LearnerService(settings, config, spec, storage)
+        service.run(stop.is_set, max_seconds=duration or None)
