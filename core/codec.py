@@ -8,8 +8,8 @@ version all raise ``RecordDecodeError`` with a message that names the problem.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from collections.abc import Hashable
+from functools import lru_cache
 from typing import Any, TypeVar, cast
 
 import msgspec

@@ -178,6 +178,12 @@ class Storage:
         with self._session.begin() as session:
             self._run(session, run_id).ended = _utc(ended)
 
+    def latest_run_id(self) -> str | None:
+        """The most recently started run, or ``None`` when there is none."""
+        query = select(RunRow.id).order_by(RunRow.started.desc()).limit(1)
+        with self._session() as session:
+            return session.scalars(query).first()
+
     def get_run(self, run_id: str) -> dict[str, Any]:
         """Run ``run_id`` as a dict: id, started, ended (``None`` while running), config, notes."""
         with self._session() as session:

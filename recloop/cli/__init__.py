@@ -28,6 +28,7 @@ _COMMAND_MODULES = [
     "recloop.cli.learn",
     "recloop.cli.db",
     "recloop.cli.sim",
+    "recloop.cli.ops",
 ]
 
 

@@ -33,6 +33,7 @@ def learn(
     duration: float = typer.Option(0.0, min=0.0, help="Stop after this many seconds (0: never)."),
 ) -> None:
     from learner import registry
+    from recloop.metrics import serve_metrics
     from recloop.services.learn import LearnConfig, LearnerService
     from recloop.worlds import learner_spec, preset_names
     from storage.store import Storage
@@ -61,6 +62,7 @@ def learn(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    serve_metrics(settings)
     with Storage.from_settings(settings) as storage:
         service = LearnerService(settings, config, spec, storage)
         service.run(stop.is_set, max_seconds=duration or None)

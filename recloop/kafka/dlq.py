@@ -21,6 +21,7 @@ from core import codec, topics
 from core.dlq import dlq_headers
 from core.events import Record
 from core.settings import Settings
+from recloop import metrics
 from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_consumer, make_producer
 
 
@@ -71,6 +72,7 @@ class DeadLetterConsumer:
         }
         self.value_types.update(value_types or {})
         self.name = name
+        self._process = name.split(":", 1)[0]
         self._topics = resolved
         self._consumer: Consumer = make_consumer(settings, group_id, consumer_config)
         self._producer = producer or make_producer(settings)
@@ -112,7 +114,10 @@ class DeadLetterConsumer:
                 record = codec.decode(msg.value(), self.value_types[topic])
             except codec.RecordDecodeError as exc:
                 self._dead_letter(msg, topic, partition, offset, str(exc))
+                metrics.DECODE_ERRORS.labels(self._process, topic).inc()
+                metrics.DLQ.labels(self._process, topic).inc()
             else:
+                metrics.RECORDS_IN.labels(self._process, topic).inc()
                 _, ts = msg.timestamp()
                 out.append(Consumed(topic, partition, offset, msg.key(), record, ts))
                 self.stats.returned += 1

@@ -37,6 +37,7 @@ from core.settings import Settings
 from core.snapshot import SnapshotRef, latest_snapshot, read_snapshot, write_snapshot
 from learner import registry
 from learner.spec import WorldSpec
+from recloop import metrics
 from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_producer
 from recloop.kafka.dlq import DeadLetterConsumer
 from storage.store import Storage
@@ -131,6 +132,8 @@ class LearnerService:
         self.metrics: dict[str, float] = {}
         self.last_publish = time.monotonic()
         self.unpublished = 0
+        self._last_lag_check = 0.0
+        self._last_ts_ms: dict[int, int] = {}
         self._resume()
         self.consumer = DeadLetterConsumer(
             settings,
@@ -194,13 +197,16 @@ class LearnerService:
         """Poll once, learn from what is new, publish if due; returns transitions applied."""
         batch = self.consumer.poll_batch(self.config.poll_max, self.config.poll_timeout_s)
         fresh: list[Transition] = []
+        policy = self.config.policy
         for consumed in batch:
+            self._last_ts_ms[consumed.partition] = consumed.timestamp_ms
             transition: Transition = consumed.value  # type: ignore[assignment]
             tid = transition.transition_id
             partitions = self.state.offsets.setdefault(consumed.topic, {})
             partitions[str(consumed.partition)] = consumed.offset + 1
             if tid in self.state.recent_set:
                 self.state.duplicates_dropped += 1
+                metrics.DUPLICATES_DROPPED.labels(policy).inc()
                 continue
             self.state.remember(tid, self.config.dedupe_window)
             fresh.append(transition)
@@ -211,11 +217,33 @@ class LearnerService:
                 self.state.applied_digest + id_digest(t.transition_id for t in fresh)
             ) % _DIGEST_MOD
             self.unpublished += len(fresh)
+            metrics.TRANSITIONS_APPLIED.labels(policy).inc(len(fresh))
             newest = max(t.outcome_ts for t in fresh)
             self.state.newest_event_ts = max(self.state.newest_event_ts, newest)
         if self._publish_due():
             self.publish()
+        if time.monotonic() - self._last_lag_check >= 2.0:
+            self.update_lag()
         return len(fresh)
+
+    def update_lag(self) -> dict[int, int]:
+        """Messages behind the log end per assigned partition (also exported as gauges)."""
+        self._last_lag_check = time.monotonic()
+        consumer = self.consumer.consumer
+        lags: dict[int, int] = {}
+        for tp in consumer.assignment():
+            _, high = consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+            position = self.state.offsets.get(tp.topic, {}).get(str(tp.partition))
+            if position is None:
+                position = consumer.position([tp])[0].offset
+            behind = max(0, high - max(0, position)) if high >= 0 else 0
+            lags[tp.partition] = behind
+            labels = (self.config.policy, str(tp.partition))
+            metrics.LEARNER_LAG_MESSAGES.labels(*labels).set(behind)
+            last_ms = self._last_ts_ms.get(tp.partition)
+            seconds = 0.0 if not behind or last_ms is None else time.time() - last_ms / 1000
+            metrics.LEARNER_LAG_SECONDS.labels(*labels).set(max(0.0, seconds))
+        return lags
 
     def _publish_due(self) -> bool:
         if self.unpublished >= self.config.snapshot_every_transitions:
@@ -276,6 +304,8 @@ class LearnerService:
         flush_or_raise(self.producer, self.deliveries)
         self.consumer.commit()
         self.state.version = version
+        metrics.SNAPSHOT_VERSION.labels("learner", self.config.policy).set(version)
+        metrics.SNAPSHOT_CREATED.labels("learner", self.config.policy).set(ref.created_ts)
         self.unpublished = 0
         self.last_publish = time.monotonic()
         if self.on_publish:

@@ -1,0 +1,190 @@
+"""``recloop report``: learning curves, lag and freshness of a run, as PNGs and one HTML page.
+
+Built from storage alone (the ``Outcome`` windows and ``Sample`` series the monitor writes),
+so a report can be made after the loop has stopped, on another machine. The HTML page embeds
+its plots as data URIs: one file, viewable offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are files, never windows
+import matplotlib.pyplot as plt  # noqa: E402
+
+from storage.store import Outcome, Storage  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ArmSummary:
+    """Episode-weighted totals of one policy arm over a run (or a part of it)."""
+
+    policy: str
+    episodes: int
+    mean_return: float
+    ctr: float
+    clicked_quality: float
+    versions: int
+
+
+def summarise(outcomes: list[Outcome], learned_only: bool = False) -> list[ArmSummary]:
+    """Per policy: episode-weighted mean return, CTR and clicked quality.
+
+    ``learned_only`` leaves out version 0 (what a policy served before its first snapshot).
+    """
+    groups: dict[str, list[Outcome]] = defaultdict(list)
+    for o in outcomes:
+        if learned_only and o.version == 0:
+            continue
+        groups[o.policy].append(o)
+    out = []
+    for policy, rows in sorted(groups.items()):
+        episodes = sum(o.episodes for o in rows)
+        slates = sum(o.served_slates for o in rows)
+        if not episodes:
+            continue
+        clicks = sum(o.ctr * o.served_slates for o in rows)
+        out.append(
+            ArmSummary(
+                policy=policy,
+                episodes=episodes,
+                mean_return=sum(o.mean_return * o.episodes for o in rows) / episodes,
+                ctr=clicks / max(1, slates),
+                clicked_quality=sum(o.clicked_quality * o.ctr * o.served_slates for o in rows)
+                / max(1e-9, clicks),
+                versions=len({o.version for o in rows}),
+            )
+        )
+    return out
+
+
+def _curve(outcomes: list[Outcome], attr: str) -> dict[str, tuple[list[float], list[float]]]:
+    """Per policy: window end (seconds since the first window) and the window's value."""
+    if not outcomes:
+        return {}
+    t0 = min(o.window_start for o in outcomes)
+    per: dict[str, dict[float, list[Outcome]]] = defaultdict(lambda: defaultdict(list))
+    for o in outcomes:
+        per[o.policy][(o.window_end - t0).total_seconds()].append(o)
+    curves = {}
+    for policy, windows in per.items():
+        xs, ys = [], []
+        for x in sorted(windows):
+            rows = windows[x]
+            weight = sum(r.episodes for r in rows)
+            if weight:
+                xs.append(x)
+                ys.append(sum(getattr(r, attr) * r.episodes for r in rows) / weight)
+        curves[policy] = (xs, ys)
+    return curves
+
+
+def _plot_curves(curves, title: str, ylabel: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    for policy, (xs, ys) in sorted(curves.items()):
+        ax.plot(xs, ys, marker="o", markersize=3, label=policy)
+    ax.set_title(title)
+    ax.set_xlabel("seconds since start")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plot_series(series: dict[str, tuple[list[float], list[float]]], title: str, path: Path):
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+    for name, (xs, ys) in sorted(series.items()):
+        ax.plot(xs, ys, marker=".", label=name)
+    ax.set_title(title)
+    ax.set_xlabel("seconds since start")
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def build_report(storage: Storage, run_id: str, out_dir: Path) -> Path:
+    """Write PNG plots and ``index.html`` for ``run_id`` into ``out_dir``; return the page."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outcomes = storage.outcome_series(run_id)
+    run = storage.get_run(run_id)
+    pngs = [
+        _plot_curves(
+            _curve(outcomes, "mean_return"),
+            "Learning curve: mean session return",
+            "return per session",
+            out_dir / "learning_curve.png",
+        ),
+        _plot_curves(
+            _curve(outcomes, "ctr"), "Click-through rate per slate", "CTR", out_dir / "ctr.png"
+        ),
+    ]
+    t0 = min((o.window_start for o in outcomes), default=None)
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for name in (
+        "learner_lag_messages",
+        "learner_lag_seconds",
+        "freshness_seconds",
+        "model_age_seconds",
+    ):
+        points = storage.samples(run_id, name)
+        if points and t0 is not None:
+            series[name] = (
+                [(p.ts - t0).total_seconds() for p in points],
+                [p.value for p in points],
+            )
+    pngs.append(_plot_series(series, "Learner lag and model freshness", out_dir / "lag.png"))
+    page = out_dir / "index.html"
+    page.write_text(_html(run_id, run, summarise(outcomes), summarise(outcomes, True), pngs))
+    return page
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _rows(summary: list[ArmSummary]) -> str:
+    def fmt(x: float) -> str:
+        return "-" if math.isnan(x) else f"{x:.3f}"
+
+    return "".join(
+        f"<tr><td>{html.escape(s.policy)}</td><td>{s.episodes}</td><td>{s.mean_return:.2f}</td>"
+        f"<td>{fmt(s.ctr)}</td><td>{fmt(s.clicked_quality)}</td><td>{s.versions}</td></tr>"
+        for s in summary
+    )
+
+
+def _html(run_id: str, run: dict, overall, learned, pngs: list[Path]) -> str:
+    head = (
+        "<tr><th>policy</th><th>episodes</th><th>mean return</th><th>CTR</th>"
+        "<th>clicked quality</th><th>versions</th></tr>"
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>recloop report {html.escape(run_id)}</title>
+<style>body{{font-family:sans-serif;max-width:60rem;margin:2rem auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}}
+img{{max-width:100%;display:block;margin:1rem 0}}</style></head>
+<body><h1>recloop run {html.escape(run_id)}</h1>
+<p>started {html.escape(str(run.get("started")))}, ended {html.escape(str(run.get("ended")))}</p>
+<h2>All episodes, by the policy arm that served most of each session</h2>
+<table id="overall">{head}{_rows(overall)}</table>
+<h2>Only slates served by learned versions (v &ge; 1)</h2>
+<table id="learned">{head}{_rows(learned)}</table>
+{"".join(_img(p) for p in pngs)}
+</body></html>
+"""
