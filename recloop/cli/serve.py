@@ -1,0 +1,143 @@
+"""``recloop serve`` (the serving consumer) and ``recloop bench serve`` (its latency)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from typing import Annotated
+
+import typer
+
+from core.settings import Settings
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    app.command(
+        "serve",
+        help=(
+            "Answer rec.requests with slates on rec.slates, hot-swapping the snapshots "
+            "announced on policy.snapshots.\n\n"
+            "Example: recloop serve --policy slateq=0.5 --policy random=0.5 --epsilon 0.05"
+        ),
+    )(serve)
+    bench.command(
+        "serve",
+        help=(
+            "Request-to-slate latency through Kafka at a fixed rate over a 100k-item faiss "
+            "catalogue, next to compute-only and raw faiss times; ends with one JSON line.\n\n"
+            "Example: recloop bench serve --rate 100 --duration 20"
+        ),
+    )(bench_serve)
+
+
+def serve(
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--policy",
+            help="NAME[=SHARE], repeatable: policies served side by side, split by user hash. "
+            "'random'/'uniform' and 'popularity' are built-in control arms; any other name "
+            "serves that policy's snapshots. Default: slateq.",
+        ),
+    ] = None,
+    fallback: str = typer.Option(
+        "uniform", help="What a policy serves before its first snapshot: uniform | popularity."
+    ),
+    epsilon: float = typer.Option(
+        0.0, min=0.0, max=1.0, help="Probability of a uniform random slate (exploration)."
+    ),
+    preset: str = typer.Option(
+        "interest_evolution", help="World preset the policies were trained on (sizes, catalogue)."
+    ),
+    slate_size: int = typer.Option(3, min=1, help="Slate size K of the world."),
+    num_candidates: int = typer.Option(
+        10, min=0, help="Candidates per request in interest_evolution (0: whole catalogue)."
+    ),
+    world_seed: int = typer.Option(0, help="Seed the preset's catalogue was drawn with."),
+    retrieve: int = typer.Option(
+        100, min=1, help="Candidates retrieved by faiss when a request names none."
+    ),
+    index: str = typer.Option("auto", help="faiss index kind: auto | flat | hnsw | ivf."),
+    batch_size: int = typer.Option(256, min=1, help="Most requests answered per batch."),
+    seed: int = typer.Option(0, help="Seed of fallback and exploration draws."),
+    duration: float = typer.Option(0.0, min=0.0, help="Stop after this many seconds (0: never)."),
+) -> None:
+    """Run the serving consumer until SIGTERM/SIGINT (or --duration)."""
+    from rich.console import Console
+
+    from recloop.services.serve import ServeOptions, ServeService, catalogue_of, learner_loader
+    from recloop.worlds import preset_names
+    from serving.fallback import FALLBACK_NAMES
+    from serving.retrieval import INDEX_KINDS
+    from serving.server import ServeConfig
+    from serving.split import TrafficSplit
+
+    try:
+        split = TrafficSplit.parse(policy or ["slateq"])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--policy") from None
+    if fallback not in FALLBACK_NAMES:
+        raise typer.BadParameter(
+            f"{fallback!r}; choose one of {', '.join(FALLBACK_NAMES)}", param_hint="--fallback"
+        )
+    if preset not in preset_names():
+        raise typer.BadParameter(
+            f"unknown preset {preset!r}; known: {', '.join(preset_names())}", param_hint="--preset"
+        )
+    if index not in INDEX_KINDS:
+        raise typer.BadParameter(f"{index!r}; choose one of {INDEX_KINDS}", param_hint="--index")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s serve %(message)s")
+    world_options: dict = {"slate_size": slate_size}
+    if preset == "interest_evolution":
+        world_options["num_candidates"] = num_candidates
+    n_items, item_features = catalogue_of(preset, seed=world_seed, **world_options)
+    config = ServeConfig(
+        split=split, fallback=fallback, epsilon=epsilon, retrieve_m=retrieve, n_items=n_items,
+        seed=seed,
+    )  # fmt: skip
+    service = ServeService(
+        Settings(),
+        config,
+        learner_loader(preset, seed=world_seed, **world_options),
+        item_features=item_features,
+        options=ServeOptions(batch_size=batch_size, index_kind=index),
+    )
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    signal.signal(signal.SIGINT, lambda *_: service.stop())
+    console = Console(stderr=True)
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in split.fractions().items())
+    console.print(f"serving {shares}; fallback {fallback}; epsilon {epsilon}")
+    service.run(
+        max_seconds=duration or None,
+        on_tick=lambda stats: print(json.dumps(stats, sort_keys=True), flush=True),
+    )
+    print(json.dumps(service.snapshot_stats(), sort_keys=True), flush=True)
+
+
+def bench_serve(
+    rate: float = typer.Option(100.0, min=1.0, help="Requests per second sent to rec.requests."),
+    duration: float = typer.Option(20.0, min=1.0, help="Seconds of measured load."),
+    n_items: int = typer.Option(100_000, min=100, help="Catalogue size."),
+    dim: int = typer.Option(32, min=2, help="Embedding dimension."),
+    slate_size: int = typer.Option(5, min=1, help="Items per slate."),
+    retrieve: int = typer.Option(100, min=1, help="Candidates retrieved by faiss per request."),
+    index: str = typer.Option("auto", help="faiss index kind: auto | flat | hnsw | ivf."),
+    bootstrap: str = typer.Option(
+        "", help="Kafka bootstrap; default: a private local broker the bench starts and stops."
+    ),
+) -> None:
+    """Measure serving latency through Kafka; the last line is JSON."""
+    from recloop.bench.serve import BenchConfig, run_bench
+    from serving.retrieval import INDEX_KINDS
+
+    if index not in INDEX_KINDS:
+        raise typer.BadParameter(f"{index!r}; choose one of {INDEX_KINDS}", param_hint="--index")
+
+    config = BenchConfig(
+        rate=rate, duration_s=duration, n_items=n_items, dim=dim, k=slate_size, m=retrieve,
+        bootstrap=bootstrap, index_kind=index,
+    )  # fmt: skip
+    figures = run_bench(config)
+    print(json.dumps(figures, sort_keys=True))

@@ -1,0 +1,160 @@
+"""The serving core: request validation, slate fields, session views, retrieval from faiss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.events import RecRequest, SessionState, UserView
+from core.ports import Slate
+from serving.fallback import PopularityCounts
+from serving.host import PolicyHost
+from serving.retrieval import CatalogueIndex
+from serving.server import ServeConfig, SlateServer, validate_request
+from serving.session_cache import SessionCache
+from serving.split import TrafficSplit
+
+
+def _request(**overrides) -> RecRequest:
+    fields = dict(request_id="r1", user_id="u1", session_id="s1", step=4, ts=123.5, k=2,
+                  observation=[0.5, -0.5], candidates=[3, 9, 11],
+                  candidate_features=[[0.1], [0.2], [0.3]])  # fmt: skip
+    fields.update(overrides)
+    return RecRequest(**fields)
+
+
+def test_validate_request():
+    assert validate_request(_request(), n_items=20) is None
+    assert "exceeds" in validate_request(_request(k=4), 20)
+    assert "duplicates" in validate_request(_request(candidates=[3, 3, 9]), 20)
+    assert "[0, 10)" in validate_request(_request(), n_items=10)
+    assert "rows" in validate_request(_request(candidate_features=[[0.1]]), 20)
+    assert "catalogue" in validate_request(_request(candidates=[], candidate_features=[]), 0)
+    assert validate_request(_request(candidates=[], candidate_features=[]), 20) is None
+
+
+def test_slate_fields_echo_the_request():
+    server = SlateServer(ServeConfig(TrafficSplit.parse(["random"]), n_items=20), PolicyHost([]))
+    req = _request()
+    slate = server.serve_batch([req])[0]
+    assert (slate.request_id, slate.user_id, slate.session_id, slate.step) == ("r1", "u1", "s1", 4)
+    assert slate.request_ts == 123.5 and slate.ts >= 123.5
+    assert slate.policy == "random" and slate.policy_version == 0
+    assert len(slate.items) == 2 and set(slate.items) <= {3, 9, 11}
+    assert slate.propensities == [2 / 3, 2 / 3] and len(slate.scores) == 2
+    assert slate.candidates == [3, 9, 11]
+    assert slate.candidate_features == [[0.1], [0.2], [0.3]]
+    assert slate.observation == [0.5, -0.5]
+
+
+class _Recorder:
+    """Records the observation it was given; deterministic first-k slate."""
+
+    name = "rec"
+
+    def __init__(self):
+        self.seen = []
+
+    def recommend(self, observation, candidates, k):
+        self.seen.append(observation)
+        return Slate(candidates.ids[:k], np.zeros(k), np.ones(k))
+
+
+def test_observation_uses_the_cached_view_of_the_same_session():
+    host, cache = PolicyHost(["p"]), SessionCache(PopularityCounts())
+    recorder = _Recorder()
+    host.swap("p", 1, recorder)
+    server = SlateServer(ServeConfig(TrafficSplit.parse(["p"]), n_items=20), host, cache)
+    view = UserView(observation=[9.0, 9.0], history=[3, 11], history_rewards=[1.0, 2.0], step=4)
+    cache.update(SessionState(user_id="u1", session_id="s1", view=view))
+    server.serve_batch([_request(), _request(session_id="s2", observation=[])])
+    same, other = recorder.seen
+    assert same.history == (3, 11) and same.history_rewards == (1.0, 2.0) and same.step == 4
+    assert same.user_obs.tolist() == [0.5, -0.5]  # the request's own observation wins
+    assert other.history == () and other.user_obs.shape == (0,)
+
+
+def test_popularity_counts_grow_from_session_state():
+    counts = PopularityCounts(5)
+    cache = SessionCache(counts)
+    cache.update(SessionState(user_id="a", session_id="s", view=UserView(history=[1, 2])))
+    cache.update(SessionState(user_id="a", session_id="s", view=UserView(history=[1, 2, 4])))
+    cache.update(SessionState(user_id="b", session_id="t", view=UserView(history=[4])))
+    assert counts.get(np.arange(5)).tolist() == [0, 1, 1, 0, 2]
+
+
+def test_faiss_flat_returns_the_exact_top_m():
+    rng = np.random.default_rng(0)
+    emb_ND = rng.normal(size=(500, 8)).astype(np.float32)
+    queries_QD = rng.normal(size=(6, 8)).astype(np.float32)
+    index = CatalogueIndex(emb_ND, kind="flat")
+    ids_QM, scores_QM = index.search(queries_QD, 20)
+    brute_QN = queries_QD @ emb_ND.T
+    for q in range(6):
+        expected = np.argsort(-brute_QN[q], kind="stable")[:20]
+        assert ids_QM[q].tolist() == expected.tolist()
+        np.testing.assert_allclose(scores_QM[q], brute_QN[q, expected], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_indexes_mostly_agree_with_brute_force(kind):
+    rng = np.random.default_rng(1)
+    emb_ND = rng.normal(size=(2000, 8)).astype(np.float32)
+    query_D = rng.normal(size=8).astype(np.float32)
+    ids_M, _ = CatalogueIndex(emb_ND, kind=kind).search(query_D, 10)
+    exact = set(np.argsort(-(emb_ND @ query_D))[:10].tolist())
+    assert len(exact & set(ids_M[0].tolist())) >= 7
+
+
+class _EmbeddingPolicy:
+    """Scores candidates by <user_obs, embedding>; exposes its embeddings for faiss."""
+
+    name = "emb"
+
+    def __init__(self, emb_ND):
+        self.emb_ND = emb_ND
+
+    def item_embeddings(self):
+        return self.emb_ND
+
+    def recommend(self, observation, candidates, k):
+        scores_N = self.emb_ND[candidates.ids] @ observation.user_obs
+        top_K = np.argsort(-scores_N)[:k]
+        return Slate(candidates.ids[top_K], scores_N[top_K], np.ones(k))
+
+
+def test_requests_without_candidates_are_served_from_faiss_retrieval():
+    rng = np.random.default_rng(2)
+    emb_ND = rng.normal(size=(300, 4)).astype(np.float32)
+    policy = _EmbeddingPolicy(emb_ND)
+    host = PolicyHost(["emb"])
+    host.swap("emb", 1, policy, index=CatalogueIndex(emb_ND, kind="flat"))
+    config = ServeConfig(TrafficSplit.parse(["emb"]), n_items=300, retrieve_m=15)
+    server = SlateServer(config, host, item_features=lambda ids: emb_ND[ids])
+    obs = [[0.3, -1.0, 0.2, 0.5], [1.0, 0.0, 0.0, -0.1]]
+    reqs = [_request(request_id=f"r{i}", observation=o, candidates=[], candidate_features=[],
+                     k=3) for i, o in enumerate(obs)]  # fmt: skip
+    for req, slate in zip(reqs, server.serve_batch(reqs), strict=True):
+        brute_N = emb_ND @ np.asarray(req.observation, dtype=np.float32)
+        top_M = np.argsort(-brute_N, kind="stable")[:15]
+        assert slate.candidates == top_M.tolist()
+        np.testing.assert_allclose(slate.candidate_features, emb_ND[top_M], rtol=1e-6)
+        assert slate.items == top_M[:3].tolist() and slate.policy_version == 1
+    assert server.stats["retrieved"] == 2
+
+
+def test_side_by_side_policies_tag_each_slate_with_its_policy():
+    host = PolicyHost(["learned"])
+    host.swap("learned", 7, _Recorder())
+    split = TrafficSplit.parse(["learned=0.5", "random=0.5"])
+    server = SlateServer(ServeConfig(split, n_items=20), host)
+    reqs = [_request(request_id=f"r{i}", user_id=f"user{i}") for i in range(400)]
+    slates = server.serve_batch(reqs)
+    for req, slate in zip(reqs, slates, strict=True):
+        arm = split.arm(req.user_id)
+        assert slate.policy == arm
+        assert slate.policy_version == (7 if arm == "learned" else 0)
+    learned = sum(s.policy == "learned" for s in slates)
+    assert 150 < learned < 250  # half of 400 users, within about five standard errors
+    again = server.serve_batch(reqs)
+    assert [s.policy for s in again] == [s.policy for s in slates]
