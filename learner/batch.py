@@ -2,10 +2,9 @@
 
 Two entry points:
 
-- ``to_batch(transitions, spec, next_transitions=None)`` turns answered slates into a
-  ``TransitionBatch`` for ``update``; ``next_transitions[i]`` (optional) is the transition
-  that followed ``transitions[i]`` for the same user, which SARSA-style learners need for the
-  slate actually served next (``SuccessorPairer`` builds those pairs from a stream).
+- ``to_batch(transitions, spec)`` turns answered slates into a ``TransitionBatch`` for
+  ``update``, including the slate actually served next (``Transition.next_slate``, which
+  SARSA targets need; the streams fold fills it in, empty when ``done``).
 - ``request_batch(observation, candidates, spec)`` turns one serving request
   (``core.ports.Observation`` + ``Candidates``) into a ``RequestBatch`` of batch size 1, so a
   policy sees exactly the layout its training batches had.
@@ -110,10 +109,15 @@ def _views_arrays(views: Sequence[UserView], spec: WorldSpec):
     B, H, U = len(views), spec.history_len, spec.user_obs_dim
     obs_BU = np.zeros((B, U), np.float32)
     hist_BH = np.full((B, H), -1, np.int64)
+    if U:
+        rows = [view.observation for view in views]
+        if all(len(r) == U for r in rows):  # the common case: one conversion for the batch
+            obs_BU[:] = np.asarray(rows, np.float32).reshape(B, U)
+        else:
+            for b, r in enumerate(rows):
+                o = np.asarray(r, np.float32)[:U]
+                obs_BU[b, : o.shape[0]] = o
     for b, view in enumerate(views):
-        if U:
-            o = np.asarray(view.observation, np.float32)[:U]
-            obs_BU[b, : o.shape[0]] = o
         recent = view.history[-H:]
         if recent:
             hist_BH[b, : len(recent)] = recent
@@ -123,6 +127,13 @@ def _views_arrays(views: Sequence[UserView], spec: WorldSpec):
 def _candidate_arrays(cands: Sequence[Sequence[int]], feats: Sequence[Sequence], spec: WorldSpec):
     B, F = len(cands), spec.item_feature_dim
     N = max((len(c) for c in cands), default=0)
+    if N and all(len(c) == N for c in cands) and (
+            not F or all(len(r) == N and len(r[0]) == F for r in feats)):
+        # Every row full and well-formed: one numpy conversion each, no Python loop.
+        ids_BN = np.asarray(cands, np.int64).reshape(B, N)
+        feat_BNF = (np.asarray(feats, np.float32).reshape(B, N, F) if F
+                    else np.zeros((B, N, 0), np.float32))
+        return ids_BN, feat_BNF
     ids_BN = np.full((B, N), -1, np.int64)
     feat_BNF = np.zeros((B, N, F), np.float32)
     for b, (ids, rows) in enumerate(zip(cands, feats, strict=True)):
@@ -135,18 +146,15 @@ def _candidate_arrays(cands: Sequence[Sequence[int]], feats: Sequence[Sequence],
 
 
 def _slate_lookup(slates_BK: np.ndarray, ids_BN: np.ndarray, feat_BNF: np.ndarray):
-    """Index of each slate item among its row's candidates, and the matching feature rows."""
+    """Index of each slate item among its row's candidates (-1 if absent), and its features."""
     B, K = slates_BK.shape
-    idx_BK = np.full((B, K), -1, np.int64)
-    feat_BKF = np.zeros((B, K, feat_BNF.shape[2]), np.float32)
-    for b in range(B):
-        where = {int(item): n for n, item in enumerate(ids_BN[b]) if item >= 0}
-        for k in range(K):
-            n = where.get(int(slates_BK[b, k]), -1) if slates_BK[b, k] >= 0 else -1
-            idx_BK[b, k] = n
-            if n >= 0:
-                feat_BKF[b, k] = feat_BNF[b, n]
-    return idx_BK, feat_BKF
+    if ids_BN.shape[1] == 0:  # whole-catalogue requests: nothing to look up
+        return np.full((B, K), -1, np.int64), np.zeros((B, K, feat_BNF.shape[2]), np.float32)
+    match_BKN = (slates_BK[:, :, None] == ids_BN[:, None, :]) & (slates_BK[:, :, None] >= 0)
+    found_BK = match_BKN.any(-1)
+    idx_BK = np.where(found_BK, match_BKN.argmax(-1), -1).astype(np.int64)
+    feat_BKF = np.take_along_axis(feat_BNF, np.maximum(idx_BK, 0)[:, :, None], axis=1)
+    return idx_BK, feat_BKF * found_BK[:, :, None]
 
 
 def _slates(slates: Sequence[Sequence[int]], K: int) -> np.ndarray:
@@ -158,19 +166,12 @@ def _slates(slates: Sequence[Sequence[int]], K: int) -> np.ndarray:
     return out_BK
 
 
-def to_batch(
-    transitions: Sequence[Transition],
-    spec: WorldSpec,
-    next_transitions: Sequence[Transition | None] | None = None,
-) -> TransitionBatch:
-    """Stack transitions into tensors; ``next_transitions[i]`` fills the ``next_slate_*`` and
-    ``next_candidates_*`` fields (rows without a successor get ``next_slate_mask_B`` False)."""
+def to_batch(transitions: Sequence[Transition], spec: WorldSpec) -> TransitionBatch:
+    """Stack transitions into tensors (rows whose ``next_slate`` is empty get
+    ``next_slate_mask_B`` False: the episode ended or the successor is unknown)."""
     if not transitions:
         raise ValueError("to_batch needs at least one transition")
     B, K = len(transitions), spec.slate_size
-    nexts = list(next_transitions) if next_transitions is not None else [None] * B
-    if len(nexts) != B:
-        raise ValueError(f"next_transitions has {len(nexts)} rows for {B} transitions")
     obs_BU, hist_BH = _views_arrays([t.state for t in transitions], spec)
     nobs_BU, nhist_BH = _views_arrays([t.next_state for t in transitions], spec)
     ids_BN, feat_BNF = _candidate_arrays(
@@ -190,12 +191,11 @@ def to_batch(
                 pos = int(hits[0]) if hits.size else -1
             chosen_B[b] = pos
     # The next request's slate and candidates (zero-width rows where there is no successor).
-    has_next_B = np.array([n is not None for n in nexts], bool)
-    nslate_BK = _slates([n.slate if n is not None else [] for n in nexts], K)
+    has_next_B = np.array([len(t.next_slate) > 0 for t in transitions], bool)
+    nslate_BK = _slates([t.next_slate for t in transitions], K)
     nids_BN, nfeat_BNF = _candidate_arrays(
-        [n.candidates if n is not None else [] for n in nexts],
-        [n.candidate_features if n is not None else [] for n in nexts],
-        spec,
+        [t.next_candidates for t in transitions],
+        [t.next_candidate_features for t in transitions], spec
     )
     _, nsfeat_BKF = _slate_lookup(nslate_BK, nids_BN, nfeat_BNF)
     t_ = torch.from_numpy
@@ -252,35 +252,8 @@ def request_batch(observation: Observation, candidates: Candidates, spec: WorldS
     )
 
 
-class SuccessorPairer:
-    """Pairs each transition with the next one of the same user session, for SARSA targets.
-
-    ``push`` returns the pairs that became complete: ``(t, successor)`` once the successor
-    arrives, or ``(t, None)`` at once when ``t.done``. The last transition of every live
-    session stays pending. Pending transitions are not part of a snapshot: a resumed learner
-    starts pairing afresh (at most one transition per live session is lost).
-    """
-
-    def __init__(self, max_pending: int = 100_000) -> None:
-        self.max_pending = max_pending
-        self._pending: dict[tuple[str, str], Transition] = {}
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def push(self, transitions: Sequence[Transition]) -> list[tuple[Transition, Transition | None]]:
-        ready: list[tuple[Transition, Transition | None]] = []
-        for t in transitions:
-            key = (t.user_id, t.session_id)
-            prev = self._pending.pop(key, None)
-            if prev is not None:
-                ready.append((prev, t))
-            if t.done:
-                ready.append((t, None))
-            else:
-                self._pending[key] = t
-        # Abandoned sessions (no SessionEnd ever) must not grow memory without bound.
-        while len(self._pending) > self.max_pending:
-            oldest = next(iter(self._pending))
-            ready.append((self._pending.pop(oldest), None))
-        return ready
+def whole_catalogue(spec: WorldSpec) -> Candidates:
+    """Every item, with zero-valued features: what a policy ranks when a request names no
+    candidates (the catalogue's features are not part of the request)."""
+    return Candidates(ids=np.arange(spec.n_items, dtype=np.int64),
+                      features_NF=np.zeros((spec.n_items, spec.item_feature_dim), np.float32))

@@ -235,3 +235,17 @@ def systematic_sample(incl_N: np.ndarray, rng: np.random.Generator) -> np.ndarra
     edges[-1] = m  # guard against round-off at the far end
     points = rng.random() + np.arange(m)
     return np.searchsorted(edges, points, side="right") - 1
+
+
+def epsilon_slate(top_K: np.ndarray, n: int, epsilon: float,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """ε-uniform exploration around a deterministic slate ``top_K`` (indices into n items).
+
+    With probability ε the whole slate is k distinct items drawn uniformly, else ``top_K``.
+    Returns (indices_K, inclusion probabilities_K): P(i ∈ slate) = (1-ε)·1[i ∈ top_K] + ε·k/n,
+    the honest propensity of each served item.
+    """
+    k = len(top_K)
+    idx_K = rng.choice(n, size=k, replace=False) if rng.random() < epsilon else np.asarray(top_K)
+    in_top_K = np.isin(idx_K, top_K)
+    return idx_K, (1.0 - epsilon) * in_top_K + epsilon * k / n

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -155,3 +156,49 @@ class Critic(nn.Module):
         if action_BA.dim() == state_BS.dim() + 1:
             state_BS = state_BS.unsqueeze(-2).expand(*action_BA.shape[:-1], state_BS.shape[-1])
         return self.net(torch.cat([state_BS, action_BA], dim=-1)).squeeze(-1)
+
+
+# ------------------------------------------------------------------ snapshot helpers
+# Snapshots are flat ``dict[str, np.ndarray]`` (safetensors-friendly). These helpers turn
+# modules, optimisers and torch generators into such dicts under a key prefix and back,
+# bit-exactly, so a restored agent continues exactly as the original would have.
+
+
+def module_to_arrays(prefix: str, module: nn.Module) -> dict[str, np.ndarray]:
+    return {f"{prefix}.{k}": v.detach().cpu().numpy().copy()
+            for k, v in module.state_dict().items()}
+
+
+def module_from_arrays(prefix: str, module: nn.Module, arrays: dict) -> None:
+    own = {k[len(prefix) + 1:]: torch.from_numpy(np.array(v)) for k, v in arrays.items()
+           if k.startswith(prefix + ".")}
+    module.load_state_dict(own, strict=True)
+
+
+def optimizer_to_arrays(prefix: str, opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """Per-parameter optimiser state (Adam moments and step). Hyper-parameters come from the
+    config, so ``param_groups`` are not stored."""
+    out = {}
+    for idx, state in opt.state_dict()["state"].items():
+        for name, value in state.items():
+            out[f"{prefix}.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().numpy().copy()
+    return out
+
+
+def optimizer_from_arrays(prefix: str, opt: torch.optim.Optimizer, arrays: dict) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in arrays.items():
+        if key.startswith(prefix + "."):
+            idx, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(idx), {})[name] = torch.from_numpy(np.array(value))
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def generator_to_array(gen: torch.Generator) -> np.ndarray:
+    return gen.get_state().numpy().copy()
+
+
+def generator_from_array(gen: torch.Generator, arr: np.ndarray) -> None:
+    gen.set_state(torch.from_numpy(np.array(arr, np.uint8)))

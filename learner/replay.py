@@ -5,7 +5,7 @@ pairs) in a ring of fixed capacity and draw with their own seeded ``np.random.Ge
 
 ``state_arrays`` / ``load_state_arrays`` snapshot the generator, counters and priorities, and,
 with ``with_items=True``, the items themselves (encoded through ``core.codec``; items must be
-``Transition`` or tuples of ``Transition | None``). Agents leave the items out by default:
+``Transition`` or tuples of ``Transition | None | float``). Agents leave the items out by default:
 a replay of tens of thousands of transitions would dwarf the weights in every snapshot.
 """
 
@@ -23,25 +23,52 @@ from core.events import Transition
 _SEP = b"\n"  # compact JSON never contains a raw newline, so it can separate tuple members
 
 
+def _encode_member(m: Any) -> bytes:
+    if m is None:
+        return b"null"
+    if isinstance(m, Transition):
+        return codec.encode(m)
+    return repr(float(m)).encode()  # repr round-trips a float exactly
+
+
+def _decode_member(m: bytes) -> Any:
+    if m == b"null":
+        return None
+    return codec.decode(m, Transition) if m[:1] == b"{" else float(m)
+
+
 def _encode_item(item: Any) -> bytes:
+    """A Transition, or a tuple of Transition | None | float (e.g. a transition and its return)."""
     if isinstance(item, Transition):
         return b"T" + codec.encode(item)
-    members = [b"null" if m is None else codec.encode(m) for m in item]
-    return b"P" + _SEP.join(members)
+    return b"P" + _SEP.join(_encode_member(m) for m in item)
 
 
 def _decode_item(blob: bytes) -> Any:
     if blob[:1] == b"T":
         return codec.decode(blob[1:], Transition)
-    return tuple(None if m == b"null" else codec.decode(m, Transition)
-                 for m in blob[1:].split(_SEP))
+    return tuple(_decode_member(m) for m in blob[1:].split(_SEP))
 
 
-def _rng_to_array(rng: np.random.Generator) -> np.ndarray:
+def items_to_arrays(items: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Encode items (see ``_encode_item``) as ``items_blob`` (uint8) + ``items_len`` (int64)."""
+    blobs = [_encode_item(it) for it in items]
+    return {"items_blob": np.frombuffer(b"".join(blobs), np.uint8).copy(),
+            "items_len": np.array([len(b) for b in blobs], np.int64)}
+
+
+def items_from_arrays(arrays: dict[str, np.ndarray]) -> list[Any]:
+    """Inverse of ``items_to_arrays``."""
+    blob, ends = arrays["items_blob"].tobytes(), np.cumsum(arrays["items_len"])
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    return [_decode_item(blob[s:e]) for s, e in zip(starts, ends, strict=True)]
+
+
+def rng_to_array(rng: np.random.Generator) -> np.ndarray:
     return np.frombuffer(json.dumps(rng.bit_generator.state).encode(), np.uint8).copy()
 
 
-def _rng_from_array(arr: np.ndarray) -> np.random.Generator:
+def rng_from_array(arr: np.ndarray) -> np.random.Generator:
     state = json.loads(np.asarray(arr, np.uint8).tobytes().decode())
     rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
     rng.bit_generator.state = state
@@ -86,22 +113,18 @@ class ReplayBuffer:
 
     def state_arrays(self, with_items: bool = False) -> dict[str, np.ndarray]:
         out = {
-            "rng": _rng_to_array(self.rng),
+            "rng": rng_to_array(self.rng),
             "counters": np.array([self._next, self.pushed, len(self._items)], np.int64),
         }
         if with_items:
-            blobs = [_encode_item(it) for it in self._items]
-            out["items_blob"] = np.frombuffer(b"".join(blobs), np.uint8).copy()
-            out["items_len"] = np.array([len(b) for b in blobs], np.int64)
+            out.update(items_to_arrays(self._items))
         return out
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        self.rng = _rng_from_array(arrays["rng"])
+        self.rng = rng_from_array(arrays["rng"])
         self._next, self.pushed, size = (int(x) for x in arrays["counters"])
         if "items_blob" in arrays:
-            blob, ends = arrays["items_blob"].tobytes(), np.cumsum(arrays["items_len"])
-            starts = np.concatenate([[0], ends[:-1]])
-            self._items = [_decode_item(blob[s:e]) for s, e in zip(starts, ends, strict=True)]
+            self._items = items_from_arrays(arrays)
         elif size != len(self._items):
             # Items were not snapshotted: keep what this buffer holds (usually empty).
             self._next = len(self._items) % self.capacity

@@ -56,3 +56,15 @@ class WorldSpec:
         names = {"n_items", "user_obs_dim", "item_feature_dim", "slate_size",
                  "num_candidates", "history_len"}
         return cls(**{k: int(v) for k, v in data.items() if k in names})
+
+
+def config_from_dict(cls, data: dict):
+    """Rebuild a frozen config dataclass from its ``dataclasses.asdict`` form (JSON turns
+    tuples into lists; unknown keys are an error so a mismatched manifest is caught)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(data) - known)
+    if bad:
+        raise ValueError(f"{cls.__module__}.{cls.__name__}: unknown config field(s) {bad}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

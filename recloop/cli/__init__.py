@@ -29,6 +29,8 @@ _COMMAND_MODULES = [
     "recloop.cli.db",
     "recloop.cli.sim",
     "recloop.cli.ops",
+    "recloop.cli.serve",
+    "recloop.cli.learn_bench",
 ]
 
 

@@ -1,0 +1,79 @@
+"""Synthetic ``core.events.Transition`` records for learner unit tests.
+
+Sessions of a few steps: random observations, candidates with features, a slate of K distinct
+candidates with propensities, clicks drawn from a fixed rule (the user clicks the slate item
+whose features align best with its observation, if positive), ``next_slate`` filled from the
+following step and ``done`` on the last one, exactly as the streams fold emits them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from core.events import Transition, UserView
+from core.ports import Candidates, Observation
+from learner.spec import WorldSpec
+
+SPEC = WorldSpec(n_items=30, user_obs_dim=4, item_feature_dim=4, slate_size=3,
+                 num_candidates=6, history_len=5)
+
+
+def make_transitions(spec: WorldSpec = SPEC, n: int = 64, seed: int = 0,
+                     steps_per_session: int = 4) -> list[Transition]:
+    rng = np.random.default_rng(seed)
+    item_feat = rng.normal(size=(spec.n_items, spec.item_feature_dim)).astype(np.float32)
+    out: list[Transition] = []
+    session = 0
+    while len(out) < n:
+        session += 1
+        user, sess = f"u{session}", f"s{session}"
+        history: list[int] = []
+        steps = []
+        for _ in range(steps_per_session):
+            obs = rng.normal(size=spec.user_obs_dim).round(3).tolist()
+            pool = spec.num_candidates or spec.n_items
+            cands = rng.choice(spec.n_items, size=pool, replace=False).tolist()
+            slate = [cands[i] for i in rng.choice(pool, size=spec.slate_size, replace=False)]
+            affinity = [float(np.dot(item_feat[i][: spec.user_obs_dim], obs[: spec.item_feature_dim]))
+                        for i in slate]
+            best = int(np.argmax(affinity))
+            chosen = best if affinity[best] > 0.3 else None
+            steps.append((obs, cands, slate, chosen, list(history)))
+            if chosen is not None:
+                history.append(slate[chosen])
+        for step, (obs, cands, slate, chosen, hist) in enumerate(steps):
+            last = step == len(steps) - 1
+            nxt = None if last else steps[step + 1]
+            feats = [item_feat[i].round(3).tolist() for i in cands] if spec.num_candidates else []
+            out.append(Transition(
+                transition_id=f"{sess}-{step}", user_id=user, session_id=sess,
+                request_id=f"{sess}-r{step}",
+                state=UserView(observation=obs, history=hist, step=step),
+                slate=slate,
+                propensities=[spec.slate_size / len(cands)] * spec.slate_size,
+                candidates=cands if spec.num_candidates else [],
+                candidate_features=feats,
+                policy="random", policy_version=0,
+                chosen_item=None if chosen is None else slate[chosen],
+                chosen_position=chosen,
+                reward=0.0 if chosen is None else 1.0 + 0.1 * step,
+                next_state=UserView(observation=nxt[0] if nxt else obs,
+                                    history=nxt[4] if nxt else hist, step=step + 1),
+                next_slate=nxt[2] if nxt else [],
+                next_candidates=(nxt[1] if spec.num_candidates else []) if nxt else [],
+                next_candidate_features=(
+                    [item_feat[i].round(3).tolist() for i in nxt[1]]
+                    if nxt and spec.num_candidates else []),
+                done=last, served_ts=float(step), outcome_ts=float(step) + 0.5,
+            ))
+    return out[:n]
+
+
+def make_request(spec: WorldSpec = SPEC, seed: int = 0) -> tuple[Observation, Candidates]:
+    rng = np.random.default_rng(seed + 1000)
+    n = spec.num_candidates or spec.n_items
+    ids = rng.choice(spec.n_items, size=n, replace=False).astype(np.int64)
+    feats = rng.normal(size=(n, spec.item_feature_dim)).astype(np.float32)
+    obs = Observation(user_id="u", user_obs=rng.normal(size=spec.user_obs_dim).astype(np.float32),
+                      history=tuple(int(i) for i in ids[:2]))
+    return obs, Candidates(ids=ids, features_NF=feats)
