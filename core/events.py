@@ -162,7 +162,8 @@ class SessionState(Record, frozen=True, kw_only=True):
     ``view`` is what serving conditions on: every known outcome applied. ``frontier`` is the
     view as it was when the oldest pending slate was served (the next transition's state).
     ``pending`` holds served slates whose outcome or successor is not known yet, oldest first; ``early_feedback`` holds feedback that
-    arrived before its slate; ``recent_ids`` remembers recent event ids for idempotency and
+    arrived before its slate; ``parked`` holds slates of the user's next session that
+    arrived before this one ended; ``recent_ids`` remembers recent event ids for idempotency and
     ``past_sessions`` recent finished sessions, so late events of theirs are dropped.
     """
 
@@ -172,6 +173,7 @@ class SessionState(Record, frozen=True, kw_only=True):
     frontier: UserView = UserView()
     pending: list[PendingSlate] = []
     early_feedback: list[Feedback] = []
+    parked: list[SlateServed] = []
     recent_ids: list[str] = []
     past_sessions: list[str] = []
     ended: bool = False

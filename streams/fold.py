@@ -14,6 +14,11 @@ therefore:
   once, so serving sees fresh history without waiting;
 - is idempotent: a repeated event id, a repeated slate, or an event of a finished session
   changes nothing;
+- keeps a user's *next* session waiting until the current one ends: its slates are parked
+  and its feedback buffered, because the slates topic may run ahead of the feedback topic
+  and the current session's last outcomes and SessionEnd may still be on their way. The
+  next session starts as soon as the current one ends (SessionEnd, inactivity, or too many
+  parked slates);
 - ``expire(state, now, timeout)`` ends a session that has gone quiet and emits its terminal
   transition, so sessions that never end still teach the learner.
 
@@ -53,6 +58,17 @@ class FoldConfig:
     """How many finished session ids are remembered, so their late events are dropped."""
     early_feedback: int = 64
     """Most feedback records buffered while waiting for their slate."""
+    parked_slates: int = 32
+    """Most slates of a user's next session parked while the current one is still open;
+    one more closes the current session as abandoned."""
+
+
+# The fold's state is the contract's SessionState (it carries ``parked`` slates too).
+FoldState = SessionState
+
+
+class InvalidEvent(ValueError):
+    """A well-formed event that contradicts its slate (position outside it, wrong item)."""
 
 
 DEFAULT = FoldConfig()
@@ -64,28 +80,35 @@ def transition_id(user_id: str, session_id: str, request_id: str) -> str:
     return digest[:32]
 
 
-def new_state(user_id: str, session_id: str) -> SessionState:
-    return SessionState(user_id=user_id, session_id=session_id, view=UserView())
+def new_state(user_id: str, session_id: str) -> FoldState:
+    return FoldState(user_id=user_id, session_id=session_id, view=UserView())
+
+
+def as_fold_state(state: SessionState) -> FoldState:
+    """Upgrade a plain ``SessionState`` (no parked slates) to the fold's own state."""
+    if isinstance(state, FoldState):
+        return state
+    return FoldState(**msgspec.structs.asdict(state))
 
 
 def apply(
     state: SessionState | None, event: Record, config: FoldConfig = DEFAULT
-) -> tuple[SessionState, list[Transition]]:
-    """Fold one slate or feedback event into a user's state; return new state and transitions."""
+) -> tuple[FoldState, list[Transition]]:
+    """Fold one slate or feedback event into a user's state; return new state and transitions.
+
+    Raises ``InvalidEvent`` for feedback that contradicts its slate; the state is unchanged.
+    """
     if not isinstance(event, SlateServed | Impression | Click | SessionEnd):
         raise TypeError(f"the session fold takes slates and feedback, not {type(event).__name__}")
-    if state is None:
-        state = new_state(event.user_id, event.session_id)
+    state = new_state(event.user_id, event.session_id) if state is None else as_fold_state(state)
     if event.session_id in state.past_sessions:
         return state, []  # a late event of a session that is already over
     if event.session_id != state.session_id:
-        if isinstance(event, SlateServed):
-            state, out = _abandon(state, config)
-            fresh = new_state(event.user_id, event.session_id)
-            state = msgspec.structs.replace(fresh, past_sessions=state.past_sessions)
-            state, more = _apply_slate(state, event, config)
-            return state, out + more
-        return _buffer(state, event, config), []  # feedback before its session's first slate
+        if not isinstance(event, SlateServed):
+            return _buffer(state, event, config), []  # feedback before its session's slate
+        if state.ended:
+            return _apply_slate(_start_session(state, event.session_id), event, config)
+        return _park(state, event, config)
     if state.ended:
         return state, []
     event_key = _event_key(event)
@@ -98,11 +121,51 @@ def apply(
 
 def expire(
     state: SessionState, now: float, timeout_s: float, config: FoldConfig = DEFAULT
-) -> tuple[SessionState, list[Transition]]:
+) -> tuple[FoldState, list[Transition]]:
     """End a session idle for longer than ``timeout_s``, emitting its terminal transition."""
+    state = as_fold_state(state)
     if state.ended or now - state.last_event_ts < timeout_s:
         return state, []
     return _end_session(state, now, config)
+
+
+def _park(
+    state: FoldState, slate: SlateServed, config: FoldConfig
+) -> tuple[FoldState, list[Transition]]:
+    """Hold a slate of the user's next session until the current session ends."""
+    if any(p.request_id == slate.request_id for p in state.parked):
+        return state, []
+    state = msgspec.structs.replace(state, parked=[*state.parked, slate])
+    if len(state.parked) <= config.parked_slates:
+        return state, []
+    # The current session never ended and the user has moved on for a while: close it.
+    return _end_session(state, state.last_event_ts, config)
+
+
+def _start_session(state: FoldState, session_id: str) -> FoldState:
+    """A fresh state for ``session_id`` that keeps what belongs to later sessions."""
+    fresh = new_state(state.user_id, session_id)
+    return msgspec.structs.replace(
+        fresh,
+        past_sessions=state.past_sessions,
+        early_feedback=state.early_feedback,
+        parked=[p for p in state.parked if p.session_id != session_id],
+        last_event_ts=state.last_event_ts,
+    )
+
+
+def _start_parked(state: FoldState, config: FoldConfig) -> tuple[FoldState, list[Transition]]:
+    """After a session ended, start the next one from its parked slates, if any arrived."""
+    if not state.parked:
+        return state, []
+    session_id = state.parked[0].session_id
+    slates = sorted((p for p in state.parked if p.session_id == session_id), key=lambda p: p.step)
+    state = _start_session(state, session_id)
+    out: list[Transition] = []
+    for slate in slates:
+        state, more = apply(state, slate, config)
+        out += more
+    return state, out
 
 
 def _event_key(event: Record) -> str:
@@ -111,14 +174,14 @@ def _event_key(event: Record) -> str:
     return event.event_id  # type: ignore[attr-defined]
 
 
-def _remember(state: SessionState, key: str, ts: float, config: FoldConfig) -> SessionState:
+def _remember(state: FoldState, key: str, ts: float, config: FoldConfig) -> FoldState:
     recent = [*state.recent_ids, key][-config.recent_ids :]
     return msgspec.structs.replace(
         state, recent_ids=recent, last_event_ts=max(ts, state.last_event_ts)
     )
 
 
-def _buffer(state: SessionState, event: Record, config: FoldConfig) -> SessionState:
+def _buffer(state: FoldState, event: Record, config: FoldConfig) -> FoldState:
     if any(_event_key(e) == _event_key(event) for e in state.early_feedback):
         return state
     buffered = [*state.early_feedback, event][-config.early_feedback :]
@@ -126,8 +189,8 @@ def _buffer(state: SessionState, event: Record, config: FoldConfig) -> SessionSt
 
 
 def _apply_slate(
-    state: SessionState, slate: SlateServed, config: FoldConfig
-) -> tuple[SessionState, list[Transition]]:
+    state: FoldState, slate: SlateServed, config: FoldConfig
+) -> tuple[FoldState, list[Transition]]:
     if any(p.request_id == slate.request_id for p in state.pending):
         return state, []
     pending = PendingSlate(
@@ -161,14 +224,19 @@ def _apply_slate(
             state, early_feedback=[f for f in state.early_feedback if f not in waiting]
         )
         for feedback in waiting:
-            state, more = apply(state, feedback, config)
+            try:
+                state, more = apply(state, feedback, config)
+            except InvalidEvent:
+                # Only now can this buffered record be checked against its slate; the pure
+                # fold has nowhere to send it, and applying it would corrupt the outcome.
+                continue
             out += more
     return state, out
 
 
 def _apply_feedback(
-    state: SessionState, event: Impression | Click | SessionEnd, config: FoldConfig
-) -> tuple[SessionState, list[Transition]]:
+    state: FoldState, event: Impression | Click | SessionEnd, config: FoldConfig
+) -> tuple[FoldState, list[Transition]]:
     if isinstance(event, SessionEnd):
         if state.view.step < event.steps:
             # The last slates (on the other topic) or their outcomes are still on their way;
@@ -180,6 +248,7 @@ def _apply_feedback(
     if index is None:
         return _buffer(state, event, config), []
     slate = state.pending[index]
+    _check_matches(slate, event)
     if isinstance(event, Impression):
         if event.position in slate.impressed_positions:
             return state, []
@@ -222,6 +291,15 @@ def _apply_feedback(
     return state, out
 
 
+def _check_matches(slate: PendingSlate, event: Impression | Click) -> None:
+    if 0 <= event.position < len(slate.items) and slate.items[event.position] == event.item:
+        return
+    raise InvalidEvent(
+        f"{type(event).__name__} {event.event_id}: item {event.item} at position "
+        f"{event.position} is not in slate {slate.request_id} {slate.items}"
+    )
+
+
 def _advance(view: UserView, slate: PendingSlate, config: FoldConfig) -> UserView:
     """The view after a slate's outcome: history grows only on a click (positive feedback)."""
     history, rewards = list(view.history), list(view.history_rewards)
@@ -237,9 +315,7 @@ def _advance(view: UserView, slate: PendingSlate, config: FoldConfig) -> UserVie
     )
 
 
-def _release_ready(
-    state: SessionState, config: FoldConfig
-) -> tuple[SessionState, list[Transition]]:
+def _release_ready(state: FoldState, config: FoldConfig) -> tuple[FoldState, list[Transition]]:
     """Emit transitions for answered slates whose successor slate is already known."""
     out: list[Transition] = []
     pending = sorted(state.pending, key=lambda p: p.step)
@@ -262,8 +338,8 @@ def _with_observation(view: UserView, slate: PendingSlate) -> UserView:
 
 
 def _end_session(
-    state: SessionState, ts: float, config: FoldConfig
-) -> tuple[SessionState, list[Transition]]:
+    state: FoldState, ts: float, config: FoldConfig
+) -> tuple[FoldState, list[Transition]]:
     """Close the session: the last answered slate becomes a terminal transition."""
     state, out = _release_ready(state, config)
     pending = sorted(state.pending, key=lambda p: p.step)
@@ -275,24 +351,18 @@ def _end_session(
     ended = msgspec.structs.replace(
         state,
         pending=[],
-        early_feedback=[],
+        # Feedback of later sessions stays buffered for them; this session's is moot now.
+        early_feedback=[f for f in state.early_feedback if f.session_id != state.session_id],
         ended=True,
         past_sessions=past,
         last_event_ts=max(ts, state.last_event_ts),
     )
-    return ended, out
-
-
-def _abandon(state: SessionState, config: FoldConfig) -> tuple[SessionState, list[Transition]]:
-    """A new session started while the old one never ended: close the old one first."""
-    if state.ended or not state.pending:
-        past = state.past_sessions if state.ended else [*state.past_sessions, state.session_id]
-        return msgspec.structs.replace(state, past_sessions=past[-config.past_sessions :]), []
-    return _end_session(state, state.last_event_ts, config)
+    ended, more = _start_parked(ended, config)
+    return ended, out + more
 
 
 def _transition(
-    state: SessionState,
+    state: FoldState,
     slate: PendingSlate,
     before: UserView,
     after: UserView,

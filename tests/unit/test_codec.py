@@ -72,6 +72,7 @@ def _strategy(record_type: type) -> st.SearchStrategy:
                 st.one_of(_strategy(events.Click), _strategy(events.SessionEnd)), max_size=2
             )
         ),
+        "parked": st.deferred(lambda: st.lists(_strategy(events.SlateServed), max_size=1)),
         "metrics": st.dictionaries(ids, finite, max_size=3),
         "policy_steps": st.dictionaries(ids, natural, max_size=3),
         "chosen_position": st.none() | natural,

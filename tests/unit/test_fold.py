@@ -1,0 +1,300 @@
+"""The session fold: events in, exact transitions out, for every ordering the topics allow."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core import codec
+from core.events import Click, Impression, Record, SessionEnd, SessionState, SlateServed, UserView
+from streams import fold
+from streams.synthetic import SyntheticConfig, causal_events, split_topics
+
+U = "u1"
+
+
+def slate(rid: str, step: int, items=(10, 11, 12), sid: str = "s1", ts: float = 0.0):
+    return SlateServed(
+        request_id=rid, user_id=U, session_id=sid, step=step, ts=ts or 100.0 + step,
+        request_ts=ts or 100.0 + step, items=list(items), scores=[0.0] * len(items),
+        propensities=[0.5] * len(items), policy="p", policy_version=3,
+        candidates=sorted(items), observation=[float(step)],
+    )  # fmt: skip
+
+
+def answer(rid: str, items=(10, 11, 12), clicked: int | None = None, reward: float = 0.0,
+           sid: str = "s1", ts: float = 200.0) -> list[Record]:  # fmt: skip
+    """A slate's feedback as the simulator sends it: impressions, then the click if any."""
+    out: list[Record] = [
+        Impression(
+            event_id=f"{rid}-i{p}",
+            user_id=U,
+            session_id=sid,
+            request_id=rid,
+            item=item,
+            position=p,
+            slate_size=len(items),
+            clicked=p == clicked,
+            ts=ts,
+        )  # fmt: skip
+        for p, item in enumerate(items)
+    ]
+    if clicked is not None:
+        out.append(
+            Click(
+                event_id=f"{rid}-c",
+                user_id=U,
+                session_id=sid,
+                request_id=rid,
+                item=items[clicked],
+                position=clicked,
+                reward=reward,
+                ts=ts,
+            )  # fmt: skip
+        )
+    return out
+
+
+def end(steps: int, sid: str = "s1", ts: float = 300.0) -> SessionEnd:
+    return SessionEnd(event_id=f"{sid}-end", user_id=U, session_id=sid, steps=steps, ts=ts)
+
+
+def run(events: list[Record], state: SessionState | None = None):
+    out = []
+    for event in events:
+        state, more = fold.apply(state, event)
+        out += more
+    return state, out
+
+
+def two_step_session() -> list[Record]:
+    """r0 clicked at position 1 (reward 2.5), r1 not clicked, then the session ends."""
+    return [
+        slate("r0", 0), *answer("r0", clicked=1, reward=2.5),
+        slate("r1", 1, items=(20, 21, 22)), *answer("r1", items=(20, 21, 22)),
+        end(2),
+    ]  # fmt: skip
+
+
+def test_a_session_yields_one_exact_transition_per_answered_slate():
+    _, out = run(two_step_session())
+    assert [t.request_id for t in out] == ["r0", "r1"]
+    t0, t1 = out
+    assert t0.transition_id == fold.transition_id(U, "s1", "r0")
+    assert t0.state == UserView(observation=[0.0])
+    assert (t0.slate, t0.chosen_item, t0.chosen_position, t0.reward) == ([10, 11, 12], 11, 1, 2.5)
+    assert (t0.propensities, t0.candidates, t0.policy, t0.policy_version) == (
+        [0.5] * 3, [10, 11, 12], "p", 3,
+    )  # fmt: skip
+    assert t0.next_state == UserView(
+        observation=[1.0], history=[11], history_rewards=[2.5], step=1, cumulative_reward=2.5
+    )
+    assert (t0.next_slate, t0.next_candidates, t0.done) == ([20, 21, 22], [20, 21, 22], False)
+    assert (t0.served_ts, t0.outcome_ts) == (100.0, 200.0)
+    # The no-click step: reward 0, no chosen item, history unchanged, and it is terminal.
+    assert t1.state == t0.next_state
+    assert (t1.chosen_item, t1.chosen_position, t1.reward, t1.done) == (None, None, 0.0, True)
+    assert t1.next_state == UserView(
+        observation=[1.0], history=[11], history_rewards=[2.5], step=2, cumulative_reward=2.5
+    )
+    assert (t1.next_slate, t1.next_candidates) == ([], [])
+
+
+def test_a_transition_waits_for_its_successor_but_the_view_does_not():
+    state, out = run([slate("r0", 0), *answer("r0", clicked=0, reward=1.0)])
+    assert out == []  # the next observation and slate are not known yet
+    assert state.view.history == [10] and state.view.step == 1  # serving sees it at once
+    state, out = run([slate("r1", 1)], state)
+    assert [t.request_id for t in out] == ["r0"]
+
+
+def test_duplicates_change_nothing():
+    events = two_step_session()
+    _, expected = run(events)
+    doubled = [e for event in events for e in (event, event)]
+    _, out = run(doubled)
+    assert out == expected
+    state, out = run(events[:4])
+    again, more = run([events[0], events[1]], state)  # the same slate and impression again
+    assert (again, more) == (state, [])
+
+
+def test_feedback_before_its_slate_is_replayed_when_the_slate_arrives():
+    events = two_step_session()
+    _, expected = run(events)
+    reordered = [*answer("r0", clicked=1, reward=2.5), slate("r0", 0), *events[5:]]
+    _, out = run(reordered)
+    assert out == expected
+
+
+def test_next_slate_before_the_previous_feedback():
+    events = two_step_session()
+    _, expected = run(events)
+    slates = [e for e in events if isinstance(e, SlateServed)]
+    feedback = [e for e in events if not isinstance(e, SlateServed)]
+    state, out = run(slates + feedback[:3])  # r0 has impressions but not its click yet
+    assert out == []
+    state, out = run(feedback[3:4], state)  # the click completes r0; r1 is its successor
+    assert [t.request_id for t in out] == ["r0"] and out[0] == expected[0]
+
+
+def test_session_end_waits_for_the_outcomes_it_counts():
+    events = two_step_session()
+    _, expected = run(events)
+    early_end = [*events[:5], events[-1], *events[5:-1]]  # the end overtakes r1 and its answer
+    state, out = run(early_end[:6])
+    assert out == [] and not state.ended
+    _, out = run(early_end[6:], state)
+    assert out == expected
+
+
+def test_events_after_the_session_ended_are_dropped():
+    state, _ = run(two_step_session())
+    assert state.ended
+    late = [slate("r2", 2), *answer("r2", clicked=0, reward=9.0), end(3)]
+    after, out = run(late, state)
+    assert (after, out) == (state, [])
+
+
+def test_a_new_session_for_the_same_user_starts_fresh():
+    state, first = run(two_step_session())
+    second = [
+        slate("q0", 0, sid="s2"),
+        *answer("q0", clicked=2, reward=4.0, sid="s2"),
+        end(1, "s2"),
+    ]
+    state, out = run(second, state)
+    assert [t.transition_id for t in out] == [fold.transition_id(U, "s2", "q0")]
+    assert out[0].state == UserView(observation=[0.0])  # no history carried over
+    assert out[0].done and out[0].reward == 4.0 and out[0].chosen_item == 12
+    assert state.session_id == "s2" and "s1" in state.past_sessions
+    # A late event of s1 is recognised as such and ignored.
+    assert run([slate("r9", 9)], state) == (state, [])
+
+
+def test_the_next_sessions_slate_waits_for_the_current_session_to_end():
+    first = two_step_session()
+    second = [
+        slate("q0", 0, sid="s2"),
+        *answer("q0", clicked=0, reward=1.0, sid="s2"),
+        end(1, "s2"),
+    ]
+    _, expected = run(first + second)
+    # The slates topic ran ahead: s2's slate arrives before s1's last answer and end.
+    ahead = [*first[:5], second[0], *first[5:], *second[1:]]
+    state, out = run(ahead[:6])
+    assert out == [] and state.session_id == "s1" and len(state.parked) == 1
+    _, out = run(ahead[6:], state)
+    assert out == expected and [t.session_id for t in out] == ["s1", "s1", "s2"]
+
+
+def test_too_many_parked_slates_close_the_abandoned_session():
+    config = fold.FoldConfig(parked_slates=2)
+    state = None
+    for event in [slate("r0", 0), *answer("r0", clicked=0, reward=1.0)]:
+        state, _ = fold.apply(state, event, config)
+    out = []
+    for step in range(3):
+        state, more = fold.apply(state, slate(f"q{step}", step, sid="s2"), config)
+        out += more
+    # s1 never ended: its answered slate becomes terminal, and s2 takes over.
+    assert [(t.request_id, t.done) for t in out] == [("r0", True)]
+    assert state.session_id == "s2" and [p.request_id for p in state.pending] == ["q0", "q1", "q2"]
+
+
+def test_inactivity_expiry_emits_the_terminal_transition():
+    state, out = run([slate("r0", 0, ts=100.0), *answer("r0", clicked=0, reward=1.5, ts=105.0)])
+    assert out == []
+    same, out = fold.expire(state, now=105.0 + 59.0, timeout_s=60.0)
+    assert (same, out) == (state, [])
+    ended, out = fold.expire(state, now=105.0 + 60.0, timeout_s=60.0)
+    assert ended.ended and [(t.request_id, t.done, t.reward) for t in out] == [("r0", True, 1.5)]
+    assert out[0].next_state.step == 1 and out[0].next_slate == []
+    assert fold.expire(ended, now=1e12, timeout_s=60.0) == (ended, [])
+    assert run(answer("r0", clicked=0, reward=1.5), ended) == (ended, [])
+
+
+def test_feedback_that_contradicts_its_slate_is_rejected_and_changes_nothing():
+    state, _ = run([slate("r0", 0)])
+    wrong_item = Click(event_id="x", user_id=U, session_id="s1", request_id="r0", item=99,
+                       position=0, reward=1.0, ts=1.0)  # fmt: skip
+    off_slate = msgspec.structs.replace(wrong_item, item=10, position=7)
+    for bad in (wrong_item, off_slate):
+        with pytest.raises(fold.InvalidEvent):
+            fold.apply(state, bad)
+    _, out = run([*answer("r0", clicked=0, reward=1.0), end(1)], state)
+    assert [t.reward for t in out] == [1.0]
+
+
+def test_state_survives_the_codec_between_events():
+    """The worker stores the state as bytes between batches; that must not change anything."""
+    events = causal_events(SyntheticConfig(users=1, sessions=2, steps=3, seed=4))
+    _, expected = run(events)
+    state, out = None, []
+    for event in events:
+        state, more = fold.apply(state, event)
+        out += more
+        state = codec.decode(codec.encode(state), fold.FoldState)
+    assert out == expected
+    plain = codec.decode(codec.encode(state), SessionState)  # what serving reads
+    assert plain == state
+
+
+def _fold_all(events: list[Record]) -> dict[str, object]:
+    states: dict[str, SessionState] = {}
+    out = {}
+    for event in events:
+        states[event.user_id], more = fold.apply(states.get(event.user_id), event)
+        for t in more:
+            assert t.transition_id not in out, "a transition was emitted twice"
+            out[t.transition_id] = t
+    return out
+
+
+def _interleave(a: list, b: list, picks: list[bool]) -> list:
+    a, b, out = list(a), list(b), []
+    for pick_a in picks:
+        if a and (pick_a or not b):
+            out.append(a.pop(0))
+        elif b:
+            out.append(b.pop(0))
+    return out + a + b
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    users=st.integers(1, 3),
+    sessions=st.integers(1, 3),
+    steps=st.integers(1, 3),
+    data=st.data(),
+)
+def test_any_interleaving_of_the_two_topics_gives_the_causal_transitions(
+    seed, users, sessions, steps, data
+):
+    cfg = SyntheticConfig(users=users, sessions=sessions, steps=steps, seed=seed)
+    events = causal_events(cfg)
+    expected = _fold_all(events)
+    assert len(expected) == users * sessions * steps
+    slates, feedback = split_topics(events)
+    picks = data.draw(st.lists(st.booleans(), min_size=len(events), max_size=len(events)))
+    assert _fold_all(_interleave(slates, feedback, picks)) == expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), dup_rate=st.floats(0.0, 0.5))
+def test_redelivered_events_give_the_same_transitions(seed, dup_rate):
+    """At-least-once delivery: some events come again later (each topic stays in order)."""
+    events = causal_events(SyntheticConfig(users=2, sessions=2, steps=3, seed=seed))
+    expected = _fold_all(events)
+    rng = random.Random(seed)
+    replayed = []
+    for i, event in enumerate(events):
+        replayed.append(event)
+        if rng.random() < dup_rate:
+            replayed.extend(events[max(0, i - 5) : i + 1])  # a redelivered window
+    assert _fold_all(replayed) == expected
