@@ -163,7 +163,9 @@ class SlateServer:
             return _Job(request, arm, 0, self._builtin[arm], None, observation)
         active = self.host.current(arm)
         if active is None:
-            return _Job(request, self._fallback.name, 0, self._fallback, None, observation)
+            # Before its first snapshot an arm serves the declared fallback as its version 0,
+            # so an A/B comparison sees every slate of the arm under the arm's name.
+            return _Job(request, arm, 0, self._fallback, None, observation)
         return _Job(request, active.name, active.version, active.policy, active, observation)
 
     def _observation(self, request: RecRequest) -> Observation:

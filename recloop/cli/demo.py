@@ -8,6 +8,7 @@ issues grow it into the full loop.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -133,22 +134,35 @@ def round_trip(settings: Settings, records: list[Record], timeout: float = 30.0)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    app.command("demo")(demo)
+    app.command(
+        "demo",
+        help=(
+            "Run the whole loop for a few minutes: a local Kafka broker (started if none "
+            "answers), fresh topics, and sim, streams, learn and serve as separate processes, "
+            "with a live view; then write the report (HTML + PNG learning curves).\n\n"
+            "Examples: recloop demo | recloop demo --duration 600 --algo slateq | "
+            "recloop demo --roundtrip (only round-trip one of each event)"
+        ),
+    )(demo)
 
 
 def demo(
+    duration: float = typer.Option(240.0, min=10.0, help="Seconds to run the loop."),
+    algo: str = typer.Option("slateq", help="Algorithm that learns (see `recloop learn`)."),
+    users: int = typer.Option(48, min=1, help="Concurrent simulated users."),
+    learned_share: float = typer.Option(
+        0.5, min=0.0, max=1.0, help="Share of users served by the learner; the rest get random."
+    ),
+    out: Path = typer.Option(Path("artifacts/demo"), help="Where logs, snapshots and the report go."),
+    external: bool = typer.Option(
+        False, help="Only watch and report: the processes run elsewhere (docker compose)."
+    ),
+    roundtrip: bool = typer.Option(False, help="Only round-trip one of each event and exit."),
     bootstrap: str = typer.Option(
         None, help="Kafka bootstrap (default: RECLOOP_KAFKA_BOOTSTRAP or 127.0.0.1:9092)"
     ),
 ) -> None:
-    """Start a local broker if none answers, create the topics and round-trip every event.
-
-    Example: recloop demo
-    """
     from rich.console import Console
-    from rich.table import Table
-
-    from recloop.kafka.admin import TopicError, create_topics
 
     console = Console()
     settings = Settings(kafka_bootstrap=bootstrap) if bootstrap else Settings()
@@ -157,8 +171,32 @@ def demo(
         port = int(port_s)
     except ValueError:
         raise typer.BadParameter(
-            f"bootstrap {settings.kafka_bootstrap!r} is not host:port"
+            f"bootstrap {settings.kafka_bootstrap!r} is not host:port", param_hint="--bootstrap"
         ) from None
+    if roundtrip:
+        _roundtrip(console, settings, host, port)
+        return
+    from learner import registry
+    from recloop.services.demo import DemoOptions, run_demo
+
+    if algo not in registry.names():
+        raise typer.BadParameter(
+            f"unknown algorithm {algo!r}; known: {', '.join(registry.names())}", param_hint="--algo"
+        )
+    options = DemoOptions(
+        duration_s=duration, algo=algo, users=users, learned_share=learned_share, out_dir=out,
+        external=external,
+    )  # fmt: skip
+    summary = run_demo(settings, options, console)
+    console.print_json(data=summary)
+    console.print(f"[green]report:[/] {summary['report']}")
+
+
+def _roundtrip(console: Any, settings: Settings, host: str, port: int) -> None:
+    from rich.table import Table
+
+    from recloop.kafka.admin import TopicError, create_topics
+
     _ensure_broker(console, settings, host, port)
     try:
         result = create_topics(settings)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
+from typing import Any
 
 import typer
 
@@ -31,6 +33,9 @@ def learn(
     snapshot_every: int = typer.Option(500, min=1, help="Publish after this many transitions."),
     snapshot_seconds: float = typer.Option(10.0, min=0.1, help="...or after this many seconds."),
     duration: float = typer.Option(0.0, min=0.0, help="Stop after this many seconds (0: never)."),
+    config: list[str] = typer.Option(
+        [], "--config", help="Algorithm Config override KEY=VALUE (JSON value), repeatable."
+    ),
 ) -> None:
     from learner import registry
     from recloop.metrics import serve_metrics
@@ -46,6 +51,11 @@ def learn(
         raise typer.BadParameter(
             f"unknown preset {preset!r}; known: {', '.join(preset_names())}", param_hint="--preset"
         )
+    overrides = _parse_overrides(config)
+    try:
+        registry.make_config(algo, **overrides)
+    except TypeError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(message)s")
     settings = Settings()
     options = {"slate_size": slate_size}
@@ -58,6 +68,7 @@ def learn(
         seed=seed,
         snapshot_every_transitions=snapshot_every,
         snapshot_every_s=snapshot_seconds,
+        overrides=overrides,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -66,3 +77,17 @@ def learn(
     with Storage.from_settings(settings) as storage:
         service = LearnerService(settings, config, spec, storage)
         service.run(stop.is_set, max_seconds=duration or None)
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; VALUE is read as JSON when it parses, else as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--config")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out

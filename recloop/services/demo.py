@@ -48,7 +48,8 @@ class DemoOptions:
     out_dir: Path = Path("artifacts/demo")
     external: bool = False
     window_s: float = 10.0
-    extra_learn_args: tuple[str, ...] = ()
+    extra_learn_args: tuple[str, ...] = ("--config", "choice_model=proportional")
+    """SlateQ assumes a known choice model; interest_evolution's is proportional."""
 
 
 @dataclass
@@ -133,7 +134,11 @@ def run_demo(
     share = options.learned_share
     try:
         if not options.external:
-            children.start("streams", ["streams"])
+            children.start("streams", [
+                "streams", "--app-id", f"{settings.topic_prefix}recloop-streams",
+                "--data-dir", str(out_dir / "streams-data"),
+                "--session-timeout", "120",
+            ])
             children.start(
                 "learn",
                 [

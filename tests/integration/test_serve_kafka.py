@@ -198,7 +198,7 @@ def test_requests_in_slates_out_and_malformed_requests_to_the_dlq(kafka_settings
             req.step,
         )
         assert slate.request_ts == req.ts and slate.ts >= req.ts
-        assert slate.policy == "uniform" and slate.policy_version == 0
+        assert slate.policy == "learned" and slate.policy_version == 0  # arm before its first snapshot
         assert len(set(slate.items)) == K and set(slate.items) <= set(req.candidates)
         assert slate.propensities == [K / N_ITEMS] * K and len(slate.scores) == K
         assert slate.candidates == req.candidates

@@ -75,7 +75,7 @@ def test_swap_refuses_older_or_equal_versions():
 def test_fallback_before_snapshot_then_the_snapshot(served, tmp_path):
     host, installer, server = served
     before = server.serve_batch([request(0)])[0]
-    assert (before.policy, before.policy_version) == ("uniform", 0)
+    assert (before.policy, before.policy_version) == ("learned", 0)  # the arm, served by its fallback
     assert before.propensities == [2 / N_ITEMS, 2 / N_ITEMS]
 
     scores_I = np.arange(N_ITEMS, dtype=np.float64)
