@@ -40,6 +40,8 @@ class DemoOptions:
     duration_s: float = 240.0
     algo: str = "slateq"
     users: int = 48
+    rate: float = 80.0
+    """Requests per second the simulator may send: sized so one 2-core machine keeps up."""
     preset: str = "interest_evolution"
     learned_share: float = 0.5
     """Share of users served by the learning policy; the rest get uniform random slates."""
@@ -48,8 +50,11 @@ class DemoOptions:
     out_dir: Path = Path("artifacts/demo")
     external: bool = False
     window_s: float = 10.0
-    extra_learn_args: tuple[str, ...] = ("--config", "choice_model=proportional")
-    """SlateQ assumes a known choice model; interest_evolution's is proportional."""
+    extra_learn_args: tuple[str, ...] = (
+        "--config", "choice_model=proportional", "--config", "update_every=8",
+    )  # fmt: skip
+    """SlateQ assumes a known choice model (interest_evolution's is proportional); one
+    update of 64 per 8 new transitions keeps the learner ahead of the stream."""
 
 
 @dataclass
@@ -203,6 +208,8 @@ def run_demo(
     outcomes = storage.outcome_series(run_id)
     summary = {
         "run_id": run_id,
+        "topic_prefix": settings.topic_prefix,
+        "snapshot_dir": str(settings.resolved_snapshot_dir),
         "report": str(page),
         "overall": [s.__dict__ for s in summarise(outcomes)],
         "learned_versions_only": [s.__dict__ for s in summarise(outcomes, learned_only=True)],
