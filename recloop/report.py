@@ -86,10 +86,45 @@ def _curve(outcomes: list[Outcome], attr: str) -> dict[str, tuple[list[float], l
     return curves
 
 
-def _plot_curves(curves, title: str, ylabel: str, path: Path) -> Path:
+def _version_changes(outcomes: list[Outcome]) -> dict[str, list[tuple[float, int]]]:
+    """Per policy that served several versions: (window end, version) where the version that
+    served most of a window's episodes changes, so a curve shows which snapshot it reflects."""
+    if not outcomes:
+        return {}
+    t0 = min(o.window_start for o in outcomes)
+    per: dict[str, dict[float, dict[int, int]]] = defaultdict(lambda: defaultdict(dict))
+    for o in outcomes:
+        window = per[o.policy][(o.window_end - t0).total_seconds()]
+        window[o.version] = window.get(o.version, 0) + o.episodes
+    marks: dict[str, list[tuple[float, int]]] = {}
+    for policy, windows in per.items():
+        if len({v for w in windows.values() for v in w}) < 2:
+            continue
+        previous = None
+        for x in sorted(windows):
+            version = max(windows[x], key=lambda v: (windows[x][v], v))
+            if version != previous:
+                marks.setdefault(policy, []).append((x, version))
+                previous = version
+    return marks
+
+
+def _plot_curves(curves, title: str, ylabel: str, path: Path, marks=None) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     for policy, (xs, ys) in sorted(curves.items()):
-        ax.plot(xs, ys, marker="o", markersize=3, label=policy)
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=policy)
+        at = dict(zip(xs, ys, strict=True))
+        for x, version in (marks or {}).get(policy, []):
+            if x in at:
+                ax.annotate(
+                    f"v{version}",
+                    (x, at[x]),
+                    textcoords="offset points",
+                    xytext=(0, 7),
+                    ha="center",
+                    fontsize=7,
+                    color=line.get_color(),
+                )
     ax.set_title(title)
     ax.set_xlabel("seconds since start")
     ax.set_ylabel(ylabel)
@@ -103,14 +138,25 @@ def _plot_curves(curves, title: str, ylabel: str, path: Path) -> Path:
 
 
 def _plot_series(series: dict[str, tuple[list[float], list[float]]], title: str, path: Path):
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+    """Counts (messages) on the left axis, durations (``*_seconds``) on the right: one shared
+    axis would flatten seconds of freshness under thousands of messages of lag."""
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    durations = {n for n in series if n.endswith("_seconds")}
+    right = ax.twinx() if durations and len(durations) < len(series) else None
+    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     for name, (xs, ys) in sorted(series.items()):
-        ax.plot(xs, ys, marker=".", label=name)
+        axis = right if right is not None and name.endswith("_seconds") else ax
+        axis.plot(xs, ys, marker=".", label=name, color=next(colours))
     ax.set_title(title)
     ax.set_xlabel("seconds since start")
+    ax.set_ylabel("seconds" if series and durations == set(series) else "messages")
     ax.grid(alpha=0.3)
-    if series:
-        ax.legend()
+    if right is not None:
+        right.set_ylabel("seconds")
+    handles = [h for a in (ax, right) if a is not None for h in a.get_legend_handles_labels()[0]]
+    if handles:  # under the axes: with two y-axes, no corner inside is free for sure
+        ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                  ncol=len(handles), frameon=False)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -122,15 +168,21 @@ def build_report(storage: Storage, run_id: str, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes = storage.outcome_series(run_id)
     run = storage.get_run(run_id)
+    marks = _version_changes(outcomes)
     pngs = [
         _plot_curves(
             _curve(outcomes, "mean_return"),
-            "Learning curve: mean session return",
+            "Learning curve: mean session return (labels: policy version)",
             "return per session",
             out_dir / "learning_curve.png",
+            marks,
         ),
         _plot_curves(
-            _curve(outcomes, "ctr"), "Click-through rate per slate", "CTR", out_dir / "ctr.png"
+            _curve(outcomes, "ctr"),
+            "Click-through rate per slate",
+            "CTR",
+            out_dir / "ctr.png",
+            marks,
         ),
     ]
     t0 = min((o.window_start for o in outcomes), default=None)

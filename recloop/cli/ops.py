@@ -52,13 +52,33 @@ def _lag_table(rows: list[dict]) -> Table:
     for r in rows:
         seconds = "-" if r["lag_seconds"] is None else f"{r['lag_seconds']:.1f}"
         committed = "-" if r["committed"] is None else str(r["committed"])
-        table.add_row(r["group"], r["topic"], str(r["partition"]), committed, str(r["log_end"]),
-                      str(r["lag"]), seconds)
+        table.add_row(
+            r["group"],
+            r["topic"],
+            str(r["partition"]),
+            committed,
+            str(r["log_end"]),
+            str(r["lag"]),
+            seconds,
+        )
         msgs, secs = totals.get(r["group"], (0, 0.0))
         totals[r["group"]] = (msgs + r["lag"], max(secs, r["lag_seconds"] or 0.0))
     for group, (msgs, secs) in totals.items():
         table.add_row(f"[bold]{group}[/]", "total", "", "", "", f"[bold]{msgs}[/]", f"{secs:.1f}")
     return table
+
+
+def _require_broker(settings: Settings, timeout: float = 5.0) -> None:
+    """Fail fast when nothing answers at the bootstrap address.
+
+    Without this, the admin calls behind the lag table wait forever on an unreachable broker
+    while librdkafka prints connection errors, which name neither the setting nor the fix.
+    """
+    from confluent_kafka.admin import AdminClient
+
+    # log_level 0: the probe's own failure is reported by the caller, once, in words.
+    admin = AdminClient({**settings.kafka_client_config(), "log_level": 0})
+    admin.list_topics(timeout=timeout)
 
 
 def lag(
@@ -74,6 +94,7 @@ def lag(
     console = Console()
     try:
         while True:
+            _require_broker(settings)
             groups = group or recloop_groups(settings)
             rows = _lag_rows(settings, groups)
             if as_json:
@@ -86,9 +107,14 @@ def lag(
                 return
             time.sleep(watch)
     except KafkaException as exc:
-        console.print(
-            f"[red]cannot read lag from Kafka at {settings.kafka_bootstrap}[/]: {exc}\n"
-            "Set RECLOOP_KAFKA_BOOTSTRAP, or start the local broker with 'recloop kafka up'."
+        error = exc.args[0] if exc.args else None
+        reason = error.str() if hasattr(error, "str") else str(exc)  # KafkaError's own words
+        # stderr, so a script reading --json on stdout never parses the error as data.
+        Console(stderr=True, highlight=False).print(
+            f"[red]cannot read lag from Kafka at {settings.kafka_bootstrap}[/]: {reason}\n"
+            "Set RECLOOP_KAFKA_BOOTSTRAP to your broker, or start the local one with "
+            "'recloop kafka up'.",
+            soft_wrap=True,  # keep the address and the command on one line, greppable
         )
         raise typer.Exit(2) from None
 
