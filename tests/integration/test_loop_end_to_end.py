@@ -7,6 +7,7 @@ new version: every stage is checked on the topics and in storage, not inferred.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
@@ -61,7 +62,9 @@ def test_a_slate_is_served_by_a_version_that_learned_from_the_loop(
         snapshot_seconds=3.0, out_dir=tmp_path / "demo", window_s=5.0,
     )  # fmt: skip
     summary = run_demo(kafka_settings, options, Console(file=io.StringIO()))
-    run = kafka_settings.model_copy(update={"topic_prefix": summary["topic_prefix"]})
+    run = kafka_settings.model_copy(update={
+        "topic_prefix": summary["topic_prefix"], "snapshot_dir": Path(summary["snapshot_dir"]),
+    })
     topics = run.topics
 
     # Every stage of the loop carried records.
