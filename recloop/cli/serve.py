@@ -66,6 +66,7 @@ def serve(
     """Run the serving consumer until SIGTERM/SIGINT (or --duration)."""
     from rich.console import Console
 
+    from recloop.metrics import serve_metrics
     from recloop.services.serve import ServeOptions, ServeService, catalogue_of, learner_loader
     from recloop.worlds import preset_names
     from serving.fallback import FALLBACK_NAMES
@@ -97,8 +98,10 @@ def serve(
         split=split, fallback=fallback, epsilon=epsilon, retrieve_m=retrieve, n_items=n_items,
         seed=seed,
     )  # fmt: skip
+    settings = Settings()
+    serve_metrics(settings)
     service = ServeService(
-        Settings(),
+        settings,
         config,
         learner_loader(preset, seed=world_seed, **world_options),
         item_features=item_features,

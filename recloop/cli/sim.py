@@ -81,6 +81,7 @@ def sim(
     ),
     bootstrap: str = typer.Option(None, help="Kafka bootstrap (default: RECLOOP_KAFKA_BOOTSTRAP)."),
 ) -> None:
+    from recloop.metrics import serve_metrics
     from recloop.services.sim import SimConfig, SimService
 
     options = _preset_options(preset, slate_size, candidates)
@@ -101,6 +102,7 @@ def sim(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     console = Console()
     try:
+        serve_metrics(settings)
         service = SimService(settings, config)
     except Exception as exc:  # a broker that does not answer surfaces as a KafkaException
         console.print(f"[red]cannot reach Kafka at {settings.kafka_bootstrap}: {exc}[/red]")

@@ -18,6 +18,7 @@ Three loops, one per job, so none waits for another:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -36,6 +37,8 @@ from core import codec
 from core.dlq import dlq_headers
 from core.events import PolicyPublished, RecRequest, SessionState, SlateServed
 from core.settings import Settings
+from core.snapshot import describe_snapshot
+from recloop import metrics
 from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_producer, produce_records
 from recloop.kafka.dlq import Consumed, DeadLetterConsumer
 from serving.fallback import PopularityCounts
@@ -216,6 +219,7 @@ class ServeService:
         produce_records(
             self.producer, self.topics.slates, slates, _user_key, on_delivery=self.deliveries
         )
+        _export_slates(self.topics.slates, slates)
         self.stats.requests += len(batch)
         self.stats.slates += len(slates)
         self.stats.batches += 1
@@ -289,7 +293,9 @@ class ServeService:
             except Exception as exc:  # the loop must outlive any one bad snapshot
                 self._errors.append(f"install {name} v{published.version}: {exc!r}")
                 continue
-            self.stats.installs.append(result)
+                self.stats.installs.append(result)
+            if result.status == "swapped":
+                _export_swap(published)
             if result.status == "refused":
                 log.warning("refused snapshot %s v%d: %s", name, published.version, result.reason)
 
@@ -350,3 +356,21 @@ def catalogue_of(preset: str, seed: int = 0, **world_options: Any) -> tuple[int,
 
 def snapshot_root(settings: Settings) -> Path:
     return settings.resolved_snapshot_dir
+
+
+def _export_slates(topic: str, slates: list[SlateServed]) -> None:
+    """Prometheus: slates out, and request-to-slate latency per policy."""
+    metrics.RECORDS_OUT.labels("serve", topic).inc(len(slates))
+    for slate in slates:
+        metrics.SERVING_LATENCY.labels(slate.policy).observe(max(0.0, slate.ts - slate.request_ts))
+
+
+def _export_swap(published: PolicyPublished) -> None:
+    """Prometheus: the serving version, its age, and how fresh it was when it went live."""
+    metrics.SNAPSHOT_VERSION.labels("serve", published.policy).set(published.version)
+    metrics.SNAPSHOT_CREATED.labels("serve", published.policy).set(published.created_ts)
+    with contextlib.suppress(Exception):  # freshness is best effort: the manifest is local
+        service = describe_snapshot(Path(published.path)).manifest.get("service", {})
+        newest = float(service.get("newest_event_ts") or 0.0)
+        if newest:
+            metrics.MODEL_FRESHNESS.labels(published.policy).set(max(0.0, time.time() - newest))

@@ -34,6 +34,7 @@ from core.events import Click, EpisodeOutcome, Record, SlateServed
 from core.settings import Settings
 from producer_sim.cohort import Cohort, InvalidSlate
 from producer_sim.presets import make_world
+from recloop import metrics
 from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_consumer, make_producer
 from recloop.kafka.dlq import Consumed, DeadLetterConsumer
 
@@ -302,6 +303,7 @@ class SimService:
         for outcome in answer.outcomes:
             self._publish(self.topics.outcomes, outcome)
             self.stats.record_outcome(outcome)
+            _export_outcome(outcome)
         self._outbox.send()
         self.stats.clicks += sum(
             isinstance(r, Click) for records in answer.feedback for r in records
@@ -369,6 +371,7 @@ class Outbox:
 
     def send(self) -> None:
         for topic, messages in self._by_topic.items():
+            metrics.RECORDS_OUT.labels("sim", topic).inc(len(messages))
             while messages:
                 try:
                     queued = self._producer.produce_batch(
@@ -434,3 +437,28 @@ def _high_watermark(consumer, topic: str, partition: int, deadline: float) -> in
             if exc.args[0].code() not in _NOT_READY or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def _export_outcome(outcome: EpisodeOutcome) -> None:
+    """Prometheus: finished sessions and their ground truth per serving policy version.
+
+    Gauges hold an exponential moving average (weight 0.05 per session), so a dashboard
+    sees each version's return and CTR settle without a window of its own.
+    """
+    policy, version = "unknown", "0"
+    if outcome.policy_steps:
+        key = max(outcome.policy_steps, key=outcome.policy_steps.__getitem__)
+        policy, _, version = key.rpartition(":")
+    metrics.SIM_EPISODES.labels(policy, version).inc()
+    ctr = outcome.clicks / outcome.steps if outcome.steps else 0.0
+    for name, gauge, value in (
+        ("return", metrics.SIM_RETURN, outcome.total_return),
+        ("ctr", metrics.SIM_CTR, ctr),
+    ):
+        key = (name, policy, version)
+        previous = _EMA.get(key)
+        _EMA[key] = value if previous is None else previous + 0.05 * (value - previous)
+        gauge.labels(policy, version).set(_EMA[key])
+
+
+_EMA: dict[tuple[str, str, str], float] = {}
