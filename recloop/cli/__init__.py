@@ -31,6 +31,8 @@ _COMMAND_MODULES = [
     "recloop.cli.ops",
     "recloop.cli.serve",
     "recloop.cli.learn_bench",
+    "recloop.cli.streams",
+    "recloop.cli.bench_loop",
 ]
 
 
