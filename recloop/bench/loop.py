@@ -24,15 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from core import codec
 from core.events import SlateServed, Transition
 from core.settings import Settings
 from core.snapshot import describe_snapshot
 from recloop.kafka.admin import create_topics
 from recloop.kafka.broker import LocalBroker, free_port, port_open
+from recloop.kafka.read import read_topic
 from recloop.services.demo import ChildProcesses
 
 
@@ -44,25 +43,6 @@ class LoopBenchConfig:
     users: int = 32
     algo: str = "slateq"
     snapshot_seconds: float = 5.0
-
-
-def _read_topic(settings: Settings, topic: str, value_type) -> list[tuple[int, int, object]]:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "bench-loop"})
-    out = []
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    for p in partitions:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-        if high <= low:
-            continue
-        consumer.assign([TopicPartition(topic, p, low)])
-        seen = 0
-        while seen < high - low:
-            for msg in consumer.consume(1000, timeout=2.0):
-                if not msg.error():
-                    out.append((p, msg.offset(), codec.decode(msg.value(), value_type)))
-                    seen += 1
-    consumer.close()
-    return out
 
 
 def _scrape_lag(port: int) -> tuple[float, float] | None:
@@ -167,8 +147,8 @@ def run_loop_bench(config: LoopBenchConfig, bootstrap: str | None, work: Path) -
     finally:
         children.stop()
         learner.stop()
-    transitions = _read_topic(settings, settings.topics.transitions, Transition)
-    slates = _read_topic(settings, settings.topics.slates, SlateServed)
+    transitions = read_topic(settings, settings.topics.transitions, Transition)
+    slates = read_topic(settings, settings.topics.slates, SlateServed)
     if broker is not None:
         broker.stop()
     first_served: dict[int, float] = {}

@@ -150,6 +150,7 @@ def demo(
     duration: float = typer.Option(240.0, min=10.0, help="Seconds to run the loop."),
     algo: str = typer.Option("slateq", help="Algorithm that learns (see `recloop learn`)."),
     users: int = typer.Option(48, min=1, help="Concurrent simulated users."),
+    rate: float = typer.Option(80.0, min=1.0, help="Most requests per second from the sim."),
     learned_share: float = typer.Option(
         0.5, min=0.0, max=1.0, help="Share of users served by the learner; the rest get random."
     ),
@@ -184,7 +185,7 @@ def demo(
             f"unknown algorithm {algo!r}; known: {', '.join(registry.names())}", param_hint="--algo"
         )
     options = DemoOptions(
-        duration_s=duration, algo=algo, users=users, learned_share=learned_share, out_dir=out,
+        duration_s=duration, algo=algo, users=users, rate=rate, learned_share=learned_share, out_dir=out,
         external=external,
     )  # fmt: skip
     summary = run_demo(settings, options, console)

@@ -10,13 +10,12 @@ import io
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from rich.console import Console
 
-from core import codec
 from core.events import PolicyPublished, SlateServed
 from core.settings import Settings
 from core.snapshot import latest_snapshot, read_snapshot
+from recloop.kafka.read import end_offsets, read_topic
 from recloop.services.demo import DemoOptions, run_demo
 from storage.store import Storage
 
@@ -24,34 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 def _records(settings: Settings, topic: str, value_type) -> list:
-    consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap, "group.id": "e2e-reader",
-        "enable.auto.commit": False,
-    })
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    out = []
-    for p in partitions:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-        if high <= low:
-            continue
-        consumer.assign([TopicPartition(topic, p, low)])
-        got = 0
-        while got < high - low:
-            for msg in consumer.consume(500, timeout=2.0):
-                if not msg.error():
-                    out.append(codec.decode(msg.value(), value_type))
-                    got += 1
-    consumer.close()
-    return out
-
-
-def _end(settings: Settings, topic: str) -> int:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "e2e-ends"})
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    total = sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in partitions)
-    consumer.close()
-    return total
+    return [value for _, _, value in read_topic(settings, topic, value_type)]
 
 
 def test_a_slate_is_served_by_a_version_that_learned_from_the_loop(
@@ -69,7 +41,7 @@ def test_a_slate_is_served_by_a_version_that_learned_from_the_loop(
 
     # Every stage of the loop carried records.
     for topic in (topics.requests, topics.slates, topics.feedback, topics.transitions):
-        assert _end(run, topic) > 0, topic
+        assert end_offsets(run, topic) > 0, topic
 
     # The learner published versions that learned from transitions, recorded and announced.
     ref = latest_snapshot(run.resolved_snapshot_dir, "slateq")
