@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from core.settings import Settings
+from recloop.cli.preflight import require_broker
 from recloop.kafka import broker as local
 
 kafka_app = typer.Typer(
@@ -118,6 +119,7 @@ def create(
         if v is not None
     }
     settings = Settings(**overrides)
+    require_broker(settings, "create topics")
     console = Console()
     try:
         result = create_topics(settings)

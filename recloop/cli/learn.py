@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from core.settings import Settings
+from recloop.cli.preflight import require_broker
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -73,6 +74,7 @@ def learn(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    require_broker(settings, "learn from rec.transitions")
     serve_metrics(settings)
     with Storage.from_settings(settings) as storage:
         service = LearnerService(settings, config, spec, storage)

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.settings import Settings
+from recloop.cli.preflight import require_broker, unreachable_message
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -68,19 +69,6 @@ def _lag_table(rows: list[dict]) -> Table:
     return table
 
 
-def _require_broker(settings: Settings, timeout: float = 5.0) -> None:
-    """Fail fast when nothing answers at the bootstrap address.
-
-    Without this, the admin calls behind the lag table wait forever on an unreachable broker
-    while librdkafka prints connection errors, which name neither the setting nor the fix.
-    """
-    from confluent_kafka.admin import AdminClient
-
-    # log_level 0: the probe's own failure is reported by the caller, once, in words.
-    admin = AdminClient({**settings.kafka_client_config(), "log_level": 0})
-    admin.list_topics(timeout=timeout)
-
-
 def lag(
     group: list[str] = typer.Option([], "--group", help="Group(s) to show; default: recloop's."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead."),
@@ -94,7 +82,7 @@ def lag(
     console = Console()
     try:
         while True:
-            _require_broker(settings)
+            require_broker(settings, "read consumer-group lag")
             groups = group or recloop_groups(settings)
             rows = _lag_rows(settings, groups)
             if as_json:
@@ -111,10 +99,7 @@ def lag(
         reason = error.str() if hasattr(error, "str") else str(exc)  # KafkaError's own words
         # stderr, so a script reading --json on stdout never parses the error as data.
         Console(stderr=True, highlight=False).print(
-            f"[red]cannot read lag from Kafka at {settings.kafka_bootstrap}[/]: {reason}\n"
-            "Set RECLOOP_KAFKA_BOOTSTRAP to your broker, or start the local one with "
-            "'recloop kafka up'.",
-            soft_wrap=True,  # keep the address and the command on one line, greppable
+            unreachable_message(settings, "read consumer-group lag", reason), soft_wrap=True
         )
         raise typer.Exit(2) from None
 

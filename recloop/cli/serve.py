@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from core.settings import Settings
+from recloop.cli.preflight import require_broker
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -99,6 +100,7 @@ def serve(
         seed=seed,
     )  # fmt: skip
     settings = Settings()
+    require_broker(settings, "serve rec.requests")
     serve_metrics(settings)
     service = ServeService(
         settings,

@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from core.settings import Settings
+from recloop.cli.preflight import require_broker
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -101,6 +102,7 @@ def sim(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     console = Console()
+    require_broker(settings, "run simulated users")
     try:
         serve_metrics(settings)
         service = SimService(settings, config)
