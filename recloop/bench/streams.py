@@ -11,8 +11,10 @@ the clock starts), consumed twice:
   output topics and commits after flushing, as faust does; timed from its first record to
   its last flush.
 
-The ratio faust/raw is the price of faust's machinery. The last line printed is one JSON
-object with every figure.
+The ratio faust/raw is the price of faust's machinery. Both are also given per CPU-second
+of the process doing the work (the worker's, from ``/proc``; the loop's own): on a shared
+machine the wall-clock rates move with other load, the CPU cost per event much less. The
+last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class BenchConfig:
     """Sessions per user."""
     steps: int = 5
     """Slates per session."""
-    batch_size: int = 2000
+    batch_size: int = 10_000
     """Records per batch, for both the faust worker and the raw loop."""
     bootstrap: str = ""
     """Kafka bootstrap; empty starts a private local broker for the run."""
@@ -98,9 +100,11 @@ def run_faust(settings: Settings, cfg: BenchConfig, want: int, work: Path) -> di
     ids: set[str] = set()
     copies = 0
     first = last = 0.0
+    cpu_first = cpu_last = None
     deadline = time.monotonic() + cfg.timeout_s
     try:
         while len(ids) < want and time.monotonic() < deadline and proc.poll() is None:
+            got = 0
             for msg in consumer.consume(2000, 0.2):
                 if msg.error() is not None:
                     continue
@@ -108,7 +112,11 @@ def run_faust(settings: Settings, cfg: BenchConfig, want: int, work: Path) -> di
                 first = first or now
                 last = now
                 copies += 1
+                got += 1
                 ids.add(codec.decode(msg.value(), Transition).transition_id)
+            if got:
+                cpu_last = process_cpu_seconds(proc.pid)
+                cpu_first = cpu_first if cpu_first is not None else cpu_last
     finally:
         consumer.close()
         if proc.poll() is None:
@@ -121,7 +129,26 @@ def run_faust(settings: Settings, cfg: BenchConfig, want: int, work: Path) -> di
     if len(ids) < want:
         tail = (work / "worker.log").read_text()[-3000:]
         raise RuntimeError(f"faust worker produced {len(ids)}/{want} transitions\n{tail}")
-    return {"seconds": last - first, "transitions": len(ids), "duplicates": copies - len(ids)}
+    cpu = cpu_last - cpu_first if cpu_first is not None and cpu_last is not None else None
+    return {
+        "seconds": last - first,
+        "cpu_seconds": cpu,
+        "transitions": len(ids),
+        "duplicates": copies - len(ids),
+    }
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux ``/proc``; None elsewhere).
+
+    The machine the benchmark runs on is often shared, so wall-clock rates swing with other
+    load; events per CPU-second says what the process itself costs, whatever the load.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _raw_loop(
@@ -139,6 +166,7 @@ async def _raw_loop(
     states: dict[bytes, Any] = {}
     seen = transitions = 0
     first = 0.0
+    cpu_first = 0.0
     await consumer.start()
     await producer.start()
     try:
@@ -153,7 +181,8 @@ async def _raw_loop(
             ]
             if not records:
                 continue
-            first = first or time.monotonic()
+            if not first:
+                first, cpu_first = time.monotonic(), time.process_time()
             result = folder.fold(records, states.get)
             for key, (partition, raw, state) in result.states.items():
                 states[key] = state
@@ -171,10 +200,17 @@ async def _raw_loop(
         await producer.flush()
         await consumer.commit()
         elapsed = time.monotonic() - first
+        cpu = time.process_time() - cpu_first
     finally:
         await consumer.stop()
         await producer.stop()
-    return {"seconds": elapsed, "records": seen, "transitions": transitions}
+    return {"seconds": elapsed, "cpu_seconds": cpu, "records": seen, "transitions": transitions}
+
+
+def _per_cpu_second(events: int, cpu_seconds: float | None) -> float | None:
+    if not cpu_seconds:
+        return None
+    return round(events / cpu_seconds, 1)
 
 
 def run_bench(cfg: BenchConfig, echo=print) -> dict[str, Any]:
@@ -225,6 +261,13 @@ def _measure(cfg: BenchConfig, bootstrap: str, work: Path, echo) -> dict[str, An
         raw_rate = raw["records"] / raw["seconds"]
         echo(f"raw aiokafka : {raw_rate:9.0f} events/s, {raw['transitions']} transitions")
         echo(f"ratio faust/raw: {faust_rate / raw_rate:.2f}")
+        faust_cpu_rate = _per_cpu_second(want_records, faust["cpu_seconds"])
+        raw_cpu_rate = _per_cpu_second(raw["records"], raw["cpu_seconds"])
+        if faust_cpu_rate and raw_cpu_rate:
+            echo(
+                f"per CPU-second (load-independent): faust {faust_cpu_rate:.0f}, "
+                f"raw {raw_cpu_rate:.0f} events"
+            )
         figures = {
             "bench": "streams",
             "events": want_records,
@@ -233,6 +276,8 @@ def _measure(cfg: BenchConfig, bootstrap: str, work: Path, echo) -> dict[str, An
             "faust_feedback_events_per_s": round(n_feedback / faust["seconds"], 1),
             "raw_events_per_s": round(raw_rate, 1),
             "ratio_faust_to_raw": round(faust_rate / raw_rate, 3),
+            "faust_events_per_cpu_s": faust_cpu_rate,
+            "raw_events_per_cpu_s": raw_cpu_rate,
             "faust_transitions": faust["transitions"],
             "faust_duplicates": faust["duplicates"],
             "raw_transitions": raw["transitions"],

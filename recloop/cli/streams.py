@@ -32,7 +32,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 def streams(
     app_id: str = typer.Option("recloop-streams", help="faust app id (consumer group)."),
     data_dir: str = typer.Option("", help="faust data dir (default: HOME/streams/APP_ID)."),
-    batch_size: int = typer.Option(2000, min=1, help="Most records folded per batch."),
+    batch_size: int = typer.Option(10_000, min=1, help="Most records folded per batch."),
     batch_within: float = typer.Option(0.05, min=0.001, help="Longest wait to fill a batch (s)."),
     session_timeout: float = typer.Option(
         1800.0, min=0.001, help="End a session idle this long (s)."
@@ -67,7 +67,7 @@ def bench_streams(
     users: int = typer.Option(5000, min=1, help="Synthetic users."),
     sessions: int = typer.Option(2, min=1, help="Sessions per user."),
     steps: int = typer.Option(5, min=1, help="Slates per session."),
-    batch_size: int = typer.Option(2000, min=1, help="Records per batch."),
+    batch_size: int = typer.Option(10_000, min=1, help="Records per batch."),
     bootstrap: str = typer.Option("", help="Kafka bootstrap; empty starts a private broker."),
     timeout: float = typer.Option(300.0, min=1.0, help="Give up on a phase after this long (s)."),
 ) -> None:

@@ -91,6 +91,48 @@ def test_agent_emits_the_folds_transitions_and_one_state_per_user_per_batch(tmp_
     assert sink.dead == []
 
 
+def test_the_workers_consumer_hands_whole_fetches_to_the_same_batch_fold(tmp_path):
+    from faust.types.tuples import Message
+
+    from streams.consumer import BatchConsumer, _by_handler
+
+    events = causal_events(SyntheticConfig(users=5, sessions=2, steps=2, seed=4))
+    streams, sink = make_app(tmp_path)
+    consumer_cls = streams.app.transport.Consumer
+    assert issubclass(consumer_cls, BatchConsumer)
+    topics = streams.settings.topics
+    handlers = consumer_cls.batch_handlers
+    assert set(handlers) == {topics.slates, topics.feedback}
+    # One fold over both topics: a fetch's slates and feedback go to one call.
+    merged = _by_handler({topics.slates: ["s"], topics.feedback: ["f"]}, handlers)
+    assert list(merged.values()) == [["s", "f"]]
+    slate_type = type(events[0])
+    fetched = [
+        Message(
+            topic=topics.slates if isinstance(e, slate_type) else topics.feedback,
+            partition=user_partition(e.user_id),
+            offset=offset,
+            timestamp=0.0,
+            timestamp_type=0,
+            headers=None,
+            key=e.user_id.encode(),
+            value=codec.encode(e),
+            checksum=None,
+        )
+        for offset, e in enumerate(events)
+    ]
+
+    async def deliver_in_fetches_of(size: int) -> None:
+        for start in range(0, len(fetched), size):
+            await handlers[topics.slates](fetched[start : start + size])
+
+    asyncio.run(deliver_in_fetches_of(7))
+    got = {t.transition_id: t for _, _, t in sink.transitions}
+    assert len(got) == len(sink.transitions) == 5 * 2 * 2
+    assert got == expected_transitions(events)
+    assert streams.counts["batches"] == -(-len(events) // 7)
+
+
 def test_malformed_and_contradicting_records_are_dead_lettered_and_the_rest_flows(tmp_path):
     events = causal_events(SyntheticConfig(users=2, sessions=1, steps=2, seed=3))
     streams, sink = make_app(tmp_path)
