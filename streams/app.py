@@ -42,6 +42,7 @@ import asyncio
 import gc
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,6 +82,10 @@ class StreamsConfig:
     expiry_interval_s: float = 10.0
     """How often the inactivity sweep runs."""
     fold: FoldConfig = field(default_factory=FoldConfig)
+
+
+BatchObserver = Callable[[list[RawRecord], BatchResult], None]
+"""Called after each batch is folded and sent; must be cheap and must not raise."""
 
 
 class Sink(Protocol):
@@ -141,8 +146,15 @@ def _raw_schema() -> faust.Schema:
 class StreamsApp:
     """The faust app with its table, agent and expiry timer, built from settings."""
 
-    def __init__(self, settings: Settings, config: StreamsConfig, sink: Sink | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        config: StreamsConfig,
+        sink: Sink | None = None,
+        observer: BatchObserver | None = None,
+    ) -> None:
         self.settings = settings
+        self.observer = observer
         self.config = config
         topics = settings.topics
         self.app = faust.App(config.app_id, **_faust_options(settings, config))
@@ -214,6 +226,8 @@ class StreamsApp:
         counts["transitions"] += len(result.transitions)
         counts["rejects"] += len(result.rejects)
         counts["batches"] += 1
+        if self.observer is not None:
+            self.observer(records, result)
         return result
 
     def _track(self, key: bytes, partition: int, state: FoldState) -> None:
@@ -324,7 +338,13 @@ def tune_gc() -> None:
 
 
 def create_app(
-    settings: Settings, config: StreamsConfig | None = None, sink: Sink | None = None
+    settings: Settings,
+    config: StreamsConfig | None = None,
+    sink: Sink | None = None,
+    observer: BatchObserver | None = None,
 ) -> StreamsApp:
-    """Build the streams app; call this at the entry point, never at import time."""
-    return StreamsApp(settings, config or StreamsConfig(), sink)
+    """Build the streams app; call this at the entry point, never at import time.
+
+    ``observer`` sees every folded batch and its result (the wiring exports metrics there).
+    """
+    return StreamsApp(settings, config or StreamsConfig(), sink, observer)

@@ -19,7 +19,7 @@ from typing import Any
 import faust
 
 from core.settings import Settings
-from streams.app import StreamsConfig, create_app, tune_gc
+from streams.app import BatchObserver, StreamsConfig, create_app, tune_gc
 
 
 class _Worker(faust.Worker):
@@ -30,9 +30,14 @@ class _Worker(faust.Worker):
         logger.setLevel(self.loglevel)
 
 
-def run(settings: Settings, config: StreamsConfig, loglevel: str = "WARNING") -> None:
+def run(
+    settings: Settings,
+    config: StreamsConfig,
+    loglevel: str = "WARNING",
+    observer: BatchObserver | None = None,
+) -> None:
     """Build the app and run a faust worker until it is told to stop."""
-    streams = create_app(settings, config)
+    streams = create_app(settings, config, observer=observer)
     tune_gc()
     worker = _Worker(streams.app, loglevel=loglevel.upper(), quiet=True)
     worker.execute_from_commandline()

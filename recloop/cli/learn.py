@@ -58,6 +58,7 @@ def learn(
     except TypeError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(message)s")
+    _limit_torch_threads()
     settings = Settings()
     options = {"slate_size": slate_size}
     if preset == "interest_evolution":
@@ -93,3 +94,17 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = raw
     return out
+
+
+def _limit_torch_threads() -> None:
+    """One intra-op thread unless RECLOOP_TORCH_THREADS says otherwise.
+
+    The learner shares the machine with the broker, streams, serving and the simulator;
+    torch's default of one spinning thread per core then fights them all (measured: the
+    learner fell steadily behind a 60 requests/s loop on 2 cores).
+    """
+    import os
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("RECLOOP_TORCH_THREADS", "1")))

@@ -43,13 +43,16 @@ def streams(
     create: bool = typer.Option(True, help="Create missing topics first."),
     loglevel: str = typer.Option("WARNING", help="Log level of the worker."),
 ) -> None:
+    from recloop.cli.preflight import require_broker
     from recloop.kafka.admin import create_topics
+    from recloop.metrics import serve_metrics
     from streams.app import StreamsConfig
     from streams.worker import run
 
     if loglevel.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise typer.BadParameter(f"unknown log level {loglevel!r}", param_hint="--loglevel")
     settings = Settings()
+    require_broker(settings, "run the streams worker")
     if create:
         create_topics(settings)
     config = StreamsConfig(
@@ -60,7 +63,30 @@ def streams(
         session_timeout_s=session_timeout,
         expiry_interval_s=expiry_interval,
     )
-    run(settings, config, loglevel)
+    serve_metrics(settings)
+    run(settings, config, loglevel, observer=_metrics_observer(settings))
+
+
+def _metrics_observer(settings: Settings):
+    """Count each folded batch into the Prometheus metrics of recloop.metrics."""
+    from collections import Counter
+
+    from recloop import metrics
+
+    topics = settings.topics
+    out_transitions = metrics.RECORDS_OUT.labels("streams", topics.transitions)
+    out_states = metrics.RECORDS_OUT.labels("streams", topics.session_state)
+
+    def observe(records, result) -> None:
+        for topic, n in Counter(r.topic for r in records).items():
+            metrics.RECORDS_IN.labels("streams", topic).inc(n)
+        for record, _ in result.rejects:
+            metrics.DLQ.labels("streams", record.topic).inc()
+            metrics.DECODE_ERRORS.labels("streams", record.topic).inc()
+        out_transitions.inc(len(result.transitions))
+        out_states.inc(len(result.states))
+
+    return observe
 
 
 def bench_streams(

@@ -19,8 +19,10 @@ ids' hashes that any duplicate or gap would change).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from core import codec
 from core.events import PolicyPublished, Transition
@@ -82,7 +84,8 @@ class LearnConfig:
     """Publish after this many newly applied transitions..."""
     snapshot_every_s: float = 10.0
     """...or after this many seconds with at least one new transition."""
-    poll_max: int = 1000
+    poll_max: int = 256
+    """Most transitions per poll; a snapshot waits for the batch it is in, so keep it small."""
     poll_timeout_s: float = 0.5
     dedupe_window: int = 200_000
     """How many recent transition ids are remembered (and saved) to drop re-deliveries."""
@@ -145,6 +148,12 @@ class LearnerService:
         )
         self.producer = make_producer(settings)
         self.deliveries = DeliveryTracker()
+        self._lag_consumer = Consumer({
+            **settings.kafka_client_config(), "group.id": f"{self.group_id}-lag-probe",
+        })  # fmt: skip
+        self._closed = threading.Event()
+        self._lag_thread = threading.Thread(target=self._watch_lag, daemon=True)
+        self._lag_thread.start()
 
     @property
     def group_id(self) -> str:
@@ -222,28 +231,35 @@ class LearnerService:
             self.state.newest_event_ts = max(self.state.newest_event_ts, newest)
         if self._publish_due():
             self.publish()
-        if time.monotonic() - self._last_lag_check >= 2.0:
-            self.update_lag()
         return len(fresh)
 
     def update_lag(self) -> dict[int, int]:
-        """Messages behind the log end per assigned partition (also exported as gauges)."""
+        """Messages behind the log end per partition (also exported as gauges).
+
+        Reads watermarks with its own consumer, so a watcher thread can call it while the
+        main loop is busy learning: lag is most worth seeing exactly when learning is slow.
+        """
         self._last_lag_check = time.monotonic()
-        consumer = self.consumer.consumer
+        topic = self.settings.topics.transitions
+        applied = dict(self.state.offsets.get(topic, {}))  # copy: the loop may be writing
         lags: dict[int, int] = {}
-        for tp in consumer.assignment():
-            _, high = consumer.get_watermark_offsets(tp, timeout=2, cached=False)
-            position = self.state.offsets.get(tp.topic, {}).get(str(tp.partition))
-            if position is None:
-                position = consumer.position([tp])[0].offset
-            behind = max(0, high - max(0, position)) if high >= 0 else 0
-            lags[tp.partition] = behind
-            labels = (self.config.policy, str(tp.partition))
+        for partition in range(self.settings.partitions):
+            tp = TopicPartition(topic, partition)
+            low, high = self._lag_consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+            position = int(applied.get(str(partition), low))
+            behind = max(0, high - position)
+            lags[partition] = behind
+            labels = (self.config.policy, str(partition))
             metrics.LEARNER_LAG_MESSAGES.labels(*labels).set(behind)
-            last_ms = self._last_ts_ms.get(tp.partition)
+            last_ms = self._last_ts_ms.get(partition)
             seconds = 0.0 if not behind or last_ms is None else time.time() - last_ms / 1000
             metrics.LEARNER_LAG_SECONDS.labels(*labels).set(max(0.0, seconds))
         return lags
+
+    def _watch_lag(self) -> None:
+        while not self._closed.wait(1.0):
+            with contextlib.suppress(Exception):  # a metric must never stop the learner
+                self.update_lag()
 
     def _publish_due(self) -> bool:
         if self.unpublished >= self.config.snapshot_every_transitions:
@@ -313,6 +329,9 @@ class LearnerService:
         return ref
 
     def close(self) -> None:
+        self._closed.set()
+        self._lag_thread.join(5)
+        self._lag_consumer.close()
         self.consumer.close()
         self.producer.flush(10)
 

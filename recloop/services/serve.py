@@ -332,10 +332,14 @@ def learner_loader(preset: str, seed: int = 0, **world_options: Any) -> PolicyLo
     A manifest that records its own ``spec`` (the sizes it was trained with) wins over the
     preset's, so a snapshot is always rebuilt with the shapes of its tensors.
     """
+    import torch
+
     from learner import registry
     from learner.spec import WorldSpec
     from recloop.worlds import learner_spec
 
+    # Inference on small batches: one thread, so serving does not fight the other processes.
+    torch.set_num_threads(1)
     spec = learner_spec(preset, seed=seed, **world_options)
 
     def load(algorithm: str, tensors: dict[str, np.ndarray], manifest: dict[str, Any]):

@@ -14,7 +14,7 @@ UNREACHABLE = "127.0.0.1:1"
 
 @pytest.mark.parametrize(
     "args",
-    [["learn"], ["serve"], ["sim", "--duration", "1"], ["topics", "create"], ["lag"]],
+    [["learn"], ["serve"], ["sim", "--duration", "1"], ["topics", "create"], ["lag"], ["streams"]],
     ids=lambda a: " ".join(a),
 )
 def test_unreachable_broker_names_the_setting_and_the_fix(args, monkeypatch, tmp_path) -> None:
