@@ -9,11 +9,22 @@ value decomposes into item-wise long-term values Q̄ (paper eq. 9-10):
 
 Q̄ is learned by TD on the consumed item only (eq. 12, SARSA-TS):
 
-    Q̄(s, i) ← r + γ Σ_{j∈A'} P(j|s', A') Q̄'(s', j)
+    Q̄(s, i) ← r + γ Σ_{j∈A'∪{⊥}} P(j|s', A') Q̄'(s', j)
 
 with A' the slate actually served next and Q̄' a soft-updated target network evaluated on the
-NEXT state s' (public implementations that evaluate it on s are wrong). Steps without a click
-give no Q̄ update. γ = 0 is MYOP-TS (registry name "slateq_myopic").
+NEXT state s' (public implementations that evaluate it on s are wrong). γ = 0 is MYOP-TS
+(registry name "slateq_myopic").
+
+The null item ⊥ (``null_value``, on by default). The paper's single-choice assumption lets the
+user consume one item of each slate, possibly the null item ⊥; a session goes on
+after a slate without a click, so ⊥ has a long-term value Q̄(s, ⊥) too, learned by TD on the
+no-click steps (reward 0), and the slate value is Σ_{i∈A} P(i) Q̄(s,i) + P(⊥) Q̄(s,⊥). Leaving
+it out (``null_value=False``: ⊥ only normalises and no-click steps give no update, as RecSim's
+public agent does) cuts the bootstrapped value chain at every no-click step, an effective
+discount of γ·P(click) ≈ 0.6 on interest evolution whatever γ is: SARSA-TS then cannot see
+past a few steps and behaves almost like MYOP-TS. With ⊥ valued, slates are selected on the
+advantage over no click, Q̄(s,i) - Q̄(s,⊥), since Q(s,A) = Q̄(s,⊥) + Σ_{i∈A} P(i)(Q̄(s,i) - Q̄(s,⊥)).
+With γ = 0, Q̄(s,⊥) learns 0 and nothing changes.
 
 Choice model (``choice_model``):
 - "logit": conditional logit, v = exp(score), score = a bilinear-plus-MLP function of (user
@@ -64,8 +75,10 @@ class Config:
     """Also feed a learned id embedding of this size (0: features only)."""
     lr: float = 1e-3
     """Adam learning rate (Q̄ and the choice model)."""
-    gamma: float = 0.9
-    """Discount; 0 makes this MYOP-TS."""
+    gamma: float = 0.99
+    """Discount; 0 makes this MYOP-TS. An interest-evolution session lasts about 60 steps and
+    the refund of a good item only pays off as a later end of session, so the horizon
+    1/(1-γ) should cover a session: 0.99 learns clearly more long-term value than 0.9."""
     tau: float = 0.01
     """Soft target update rate θ' ← τθ + (1-τ)θ' after every update."""
     choice_model: str = "logit"
@@ -89,16 +102,28 @@ class Config:
     (off by default: a full replay dwarfs the weights)."""
     epsilon: float = 0.1
     """Serving explores: with probability ε the whole slate is uniform."""
+    null_value: bool = True
+    """Learn Q̄(s, ⊥), the long-term value of a slate that gets no click (see the module doc);
+    False: ⊥ only normalises the choice model and no-click steps give no Q̄ update."""
 
 
 class ItemwiseQ(nn.Module):
-    """Q̄(s, i) = MLP([user obs ; item features ; optional item id embedding])."""
+    """Q̄(s, i) = MLP([user obs ; item features ; optional item id embedding]), and the null
+    item's Q̄(s, ⊥) = MLP(user obs) (zero when ``null_value`` is off)."""
 
     def __init__(self, config: Config, spec: WorldSpec) -> None:
         super().__init__()
         self.ids = nets.ItemEmbedding(spec.n_items, config.item_id_dim) if config.item_id_dim else None
         in_dim = spec.user_obs_dim + spec.item_feature_dim + config.item_id_dim
         self.net = nets.mlp(max(in_dim, 1), config.hidden, 1)
+        self.null = nets.mlp(max(spec.user_obs_dim, 1), config.hidden, 1) if config.null_value else None
+
+    def null_value(self, user_obs_BU) -> torch.Tensor:
+        """Q̄(s, ⊥), shape (B,)."""
+        if self.null is None:
+            return torch.zeros(user_obs_BU.shape[0])
+        x_BU = user_obs_BU if user_obs_BU.shape[-1] else torch.ones(user_obs_BU.shape[0], 1)
+        return self.null(x_BU).squeeze(-1)
 
     def forward(self, user_obs_BU, ids_BN, feats_BNF) -> torch.Tensor:
         B, N = ids_BN.shape
@@ -165,7 +190,9 @@ class SlateQPolicy:
             candidates = whole_catalogue(self.spec)
         req = request_batch(observation, candidates, self.spec)
         obs_1U = req.state.user_obs_BU
-        q_N = self.q(obs_1U, req.candidates_BN, req.cand_features_BNF)[0].double().numpy()
+        # Items are ranked on their advantage over no click (see the module doc).
+        q_N = (self.q(obs_1U, req.candidates_BN, req.cand_features_BNF)[0]
+               - self.q.null_value(obs_1U)[0]).double().numpy()
         v_1N, v_null_1 = self.choice(obs_1U, req.cand_features_BNF)
         v_N, v_null = v_1N[0].double().numpy(), float(v_null_1[0])
         if self.config.selector == "topk":
@@ -204,13 +231,19 @@ class SlateQAgent:
         self._due = 0
 
     def td_targets(self, batch: TransitionBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y_B, valid_B): SARSA targets on s' with the next served slate A'. Rows that are
-        neither done nor have a known next slate cannot bootstrap and are not valid."""
+        """(y_B, valid_B): SARSA targets on s' with the next served slate A' (and ⊥ when
+        ``null_value``). Rows that are neither done nor have a known next slate cannot
+        bootstrap and are not valid."""
         with torch.no_grad():
             nobs_BU = batch.next_user_obs_BU
             q_next_BK = self.q_target(nobs_BU, batch.next_slate_BK, batch.next_slate_features_BKF)
             v_BK, v_null_B = self.choice(nobs_BU, batch.next_slate_features_BKF)
-            v_next_B = slate_value(v_BK, q_next_BK, v_null_B, batch.next_slate_item_mask_BK)
+            mask_BK = batch.next_slate_item_mask_BK
+            v_next_B = slate_value(v_BK, q_next_BK, v_null_B, mask_BK)
+            if self.config.null_value:  # + P(⊥|s',A') Q̄'(s',⊥)
+                p_null_B = v_null_B / (v_null_B + (v_BK * mask_BK).sum(-1))
+                v_next_B = v_next_B + p_null_B * self.q_target.null_value(nobs_BU)
+            # No next slate: done (nothing to bootstrap) or unknown (the row is not valid).
             v_next_B = torch.where(batch.next_slate_mask_B, v_next_B, torch.zeros_like(v_next_B))
             y_B = td_target(batch.reward_B, v_next_B, batch.done_B, self.config.gamma)
         valid_B = (batch.done_B > 0) | batch.next_slate_mask_B | (self.config.gamma == 0)
@@ -219,8 +252,13 @@ class SlateQAgent:
     def update(self, batch: TransitionBatch) -> dict[str, float]:
         y_B, valid_B = self.td_targets(batch)
         q_BK = self.q(batch.user_obs_BU, batch.slate_BK, batch.slate_features_BKF)
+        clicked_B = batch.chosen_B >= 0
         q_B = q_BK.gather(1, batch.chosen_B.clamp(min=0).unsqueeze(1)).squeeze(1)
-        use_B = (batch.chosen_B >= 0) & valid_B  # no Q̄ update on no-click steps
+        if self.config.null_value:  # a no-click step updates the consumed null item
+            q_B = torch.where(clicked_B, q_B, self.q.null_value(batch.user_obs_BU))
+            use_B = valid_B
+        else:  # ⊥ only normalises: no Q̄ update on no-click steps
+            use_B = clicked_B & valid_B
         n = use_B.sum().clamp(min=1)
         q_loss = (((q_B - y_B) ** 2) * use_B).sum() / n
         loss = q_loss
@@ -278,7 +316,10 @@ class SlateQAgent:
 
 def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec) -> SlateQPolicy:
     """Inference-only policy from a snapshot (``manifest["config"]`` is ``config_dict()``)."""
-    config = config_from_dict(Config, manifest.get("config", {}))
+    saved = dict(manifest.get("config", {}))
+    if saved and "null_value" not in saved:
+        saved["null_value"] = False  # written before Q̄(s, ⊥) existed: it has no null head
+    config = config_from_dict(Config, saved)
     q, choice = ItemwiseQ(config, spec), ChoiceModel(config, spec)
     nets.module_from_arrays("q", q, tensors)
     nets.module_from_arrays("choice", choice, tensors)

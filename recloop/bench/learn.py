@@ -2,9 +2,13 @@
 
 For each algorithm, in one process (``recloop.inprocess``): train online on the world for
 ``train_episodes`` sessions, then evaluate ``eval_episodes`` sessions with learning and
-exploration off, next to uniform random and the myopic oracle on the same evaluation seed.
-The table follows the SlateQ paper's: policy, average return, average clicked quality, CTR
-(each mean ± 95% CI).
+exploration off, next to uniform random and the myopic oracle. The table follows the SlateQ
+paper's: policy, average return, average clicked quality, CTR (each mean ± 95% CI).
+
+Evaluation uses common random numbers (``evaluate_paired``): evaluation episode e is the same
+user, candidate sets and click draws for every policy, so after the per-algorithm tables a
+paired table gives each algorithm's per-episode difference in return against random and the
+myopic oracle (and SARSA-TS against MYOP-TS), mean ± 95% CI.
 
 Throughput, measured on the same transitions for every algorithm (a random policy's traffic
 folded by the streams fold), in samples per second of gradient work:
@@ -33,7 +37,7 @@ from learner.batch import to_batch
 from producer_sim.policies import MyopicOraclePolicy, RandomPolicy
 from producer_sim.presets import make_world
 from producer_sim.runner import RunReport, run_episodes
-from recloop.inprocess import LearningSink, evaluate, spec_for, train
+from recloop.inprocess import LearningSink, PairedReport, evaluate_paired, spec_for, train
 
 PRESET_OVERRIDES = {
     # The world's choice model is known in the SlateQ paper's experiments.
@@ -112,26 +116,46 @@ def run(config: BenchConfig, echo: Callable[[str], None] = print) -> dict:
     spec = spec_for(world)
     names = list(config.algorithms) or registry.names()
     eval_seed = config.seed + 1000
-    baselines = {
-        "random": evaluate(world, RandomPolicy(seed=config.seed), config.eval_episodes, eval_seed),
-        "myopic_oracle": evaluate(world, MyopicOraclePolicy(world), config.eval_episodes, eval_seed),
-    }
+    baselines = evaluate_paired(
+        world, {"random": RandomPolicy(seed=config.seed), "myopic_oracle": MyopicOraclePolicy(world)},
+        config.eval_episodes, eval_seed).reports
     transitions = _collect_transitions(world, 2000, config.seed)
     results: dict[str, dict] = {}
+    reports: dict[str, RunReport] = dict(baselines)
     for name in names:
         overrides = PRESET_OVERRIDES.get((config.world, name), {})
         agent = registry.make_agent(name, spec, seed=config.seed, **overrides)
         trained = train(world, agent, config.train_episodes, seed=config.seed + 1)
-        report = evaluate(world, agent.policy(), config.eval_episodes, eval_seed)
+        # The same evaluation seed gives the same users as the baselines': paired.
+        report = evaluate_paired(world, {name: agent.policy()}, config.eval_episodes,
+                                 eval_seed).reports[name]
         tp = throughput(name, spec, transitions, overrides, config.throughput_seconds)
         results[name] = {"eval": _row(report), "train": _row(trained.run),
                          "transitions": trained.transitions, **tp}
+        reports[name] = report
         echo(_table(name, report, baselines, tp, config))
+    paired = PairedReport(reports, eval_seed)
+    pairs = _pairs(names)
+    echo(f"\npaired comparison on {config.world}: the same {config.eval_episodes} evaluation "
+         f"users for every policy\n{paired.table(pairs)}")
+    differences = {}
+    for a, b in pairs:
+        d = paired.difference(a, b)
+        differences[f"{a} - {b}"] = {"mean": round(d.mean, 4), "ci95": round(d.ci95, 4)}
     figures = {"bench": "learn", "world": config.world, "train_episodes": config.train_episodes,
                "eval_episodes": config.eval_episodes, "seed": config.seed,
-               "baselines": {k: _row(v) for k, v in baselines.items()}, "algorithms": results}
+               "baselines": {k: _row(v) for k, v in baselines.items()}, "algorithms": results,
+               "paired_differences": differences}
     echo(json.dumps(figures, sort_keys=True))
     return figures
+
+
+def _pairs(names: list[str]) -> list[tuple[str, str]]:
+    """Each algorithm against both baselines, and SARSA-TS against MYOP-TS when both ran."""
+    pairs = [(n, b) for n in names for b in ("random", "myopic_oracle")]
+    if "slateq" in names and "slateq_myopic" in names:
+        pairs.insert(0, ("slateq", "slateq_myopic"))
+    return pairs
 
 
 def _table(name: str, report: RunReport, baselines: dict[str, RunReport], tp: dict,
