@@ -6,6 +6,7 @@ consume through ``DeadLetterConsumer``).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -15,29 +16,35 @@ from core.settings import Settings
 
 
 def read_topic(
-    settings: Settings, topic: str, value_type: Any, timeout_s: float = 60.0
+    settings: Settings, topic: str, value_type: Any, timeout_s: float = 120.0
 ) -> list[tuple[int, int, Any]]:
-    """Every record now on ``topic`` as ``(partition, offset, decoded value)``."""
+    """Every record now on ``topic`` as ``(partition, offset, decoded value)``.
+
+    Reads each partition up to the log end seen at the start. Compacted topics may have
+    gaps and transactional ones control records, so a partition is done when the reader's
+    position passes that end, not when a record with offset end-1 arrives.
+    """
     consumer = Consumer({
         **settings.kafka_client_config(), "group.id": "recloop-reader",
         "enable.auto.commit": False,
     })  # fmt: skip
     out: list[tuple[int, int, Any]] = []
+    deadline = time.monotonic() + timeout_s
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         for p in sorted(partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            tp = TopicPartition(topic, p)
+            low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            if high <= low:
+                continue
             consumer.assign([TopicPartition(topic, p, low)])
-            position = low
-            while position < high:
-                batch = consumer.consume(1000, timeout=timeout_s)
-                if not batch:
-                    raise TimeoutError(f"{topic}[{p}] stalled at offset {position} of {high}")
-                for msg in batch:
-                    if msg.error():
-                        continue
-                    out.append((p, msg.offset(), codec.decode(msg.value(), value_type)))
-                    position = msg.offset() + 1
+            while consumer.position([tp])[0].offset < high:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"reading {topic}[{p}] up to offset {high} timed out")
+                for msg in consumer.consume(1000, timeout=1.0):
+                    if msg.error() is None and msg.partition() == p and msg.offset() < high:
+                        out.append((p, msg.offset(), codec.decode(msg.value(), value_type)))
+            consumer.unassign()
     finally:
         consumer.close()
     return out
