@@ -242,14 +242,12 @@ class LoopMonitor:
     def table(self) -> Table:
         view = self.view
         table = Table(title="recloop live loop", expand=False)
-        for column in ("policy:version", "episodes", "mean return", "CTR", "clicked quality"):
+        for column in ("policy", "versions", "episodes", "mean return", "CTR", "clicked quality"):
             table.add_column(column, justify="right")
-        for key in sorted(view.totals):
-            w = view.totals[key]
-            if not w.episodes:
-                continue
+        for (policy, _learned), (w, low, high) in sorted(_by_stage(view.totals).items()):
             table.add_row(
-                key,
+                policy,
+                f"v{low}" if low == high else f"v{low}-v{high}",
                 str(w.episodes),
                 f"{w.return_sum / w.episodes:.1f}",
                 f"{w.clicks / max(1, w.steps):.3f}",
@@ -268,3 +266,25 @@ class LoopMonitor:
     def close(self) -> None:
         self.close_window()
         self.consumer.close()
+
+
+def _by_stage(totals: dict[str, ArmWindow]) -> dict[tuple[str, bool], tuple[ArmWindow, int, int]]:
+    """Totals per policy, split into its fallback (v0) and its learned versions (v >= 1).
+
+    A long run publishes dozens of versions; one row per version would scroll the view away.
+    """
+    out: dict[tuple[str, bool], tuple[ArmWindow, int, int]] = {}
+    for key, w in totals.items():
+        if not w.episodes:
+            continue
+        policy, _, raw = key.rpartition(":")
+        version = int(raw) if raw.isdigit() else 0
+        stage = (policy, version >= 1)
+        acc, low, high = out.get(stage, (ArmWindow(), version, version))
+        acc.episodes += w.episodes
+        acc.return_sum += w.return_sum
+        acc.steps += w.steps
+        acc.clicks += w.clicks
+        acc.quality_sum += w.quality_sum
+        out[stage] = (acc, min(low, version), max(high, version))
+    return out
