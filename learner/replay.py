@@ -75,6 +75,20 @@ def rng_from_array(arr: np.ndarray) -> np.random.Generator:
     return rng
 
 
+def due_updates(
+    credit: int, stored: int, update_every: int, learning_starts: int, capacity: int
+) -> tuple[int, int]:
+    """The update schedule every agent shares: how many updates are due, and credit left.
+
+    One update per ``update_every`` new transitions of credit, none until the replay holds
+    ``min(learning_starts, capacity)`` transitions (credit keeps accruing meanwhile).
+    """
+    if stored < min(learning_starts, capacity):
+        return 0, credit
+    n = credit // update_every
+    return n, credit - n * update_every
+
+
 class ReplayBuffer:
     """Uniform replay: ``push`` items, ``sample(n)`` draws n with replacement."""
 

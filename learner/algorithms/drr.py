@@ -60,7 +60,7 @@ from core.ports import Candidates, Observation, Slate
 from learner import nets
 from learner.batch import StateBatch, TransitionBatch, request_batch, to_batch
 from learner.maths import epsilon_slate, soft_update, td_target
-from learner.replay import PrioritisedReplay, rng_from_array, rng_to_array
+from learner.replay import PrioritisedReplay, due_updates, rng_from_array, rng_to_array
 from learner.spec import WorldSpec, config_from_dict
 
 STATE_REPS = ("ave", "p", "u")
@@ -315,11 +315,10 @@ class DRRAgent:
     def learn_many(self, transitions: Sequence[Transition]) -> dict[str, float]:
         self.replay.push(transitions)
         self.transitions_applied += len(transitions)
-        self._due += len(transitions)
+        n, self._due = due_updates(self._due + len(transitions), len(self.replay), self.config.update_every,
+                                   self.config.learning_starts, self.config.replay_capacity)
         metrics: dict[str, float] = {}
-        while self._due >= self.config.update_every and len(self.replay) >= min(
-                self.config.learning_starts, self.config.replay_capacity):
-            self._due -= self.config.update_every
+        for _ in range(n):
             items, slots, weights = self.replay.sample(self.config.batch_size)
             metrics, td_abs_B = self._update(to_batch(items, self.spec),
                                              torch.from_numpy(weights))

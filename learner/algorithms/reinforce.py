@@ -50,6 +50,7 @@ from learner.maths import (
 )
 from learner.replay import (
     ReplayBuffer,
+    due_updates,
     items_from_arrays,
     items_to_arrays,
     rng_from_array,
@@ -250,11 +251,10 @@ class ReinforceAgent:
             finished += self._with_returns(self._sessions.pop(next(iter(self._sessions))))
         self.replay.push(finished)
         self.transitions_applied += len(transitions)
-        self._due += len(finished)
+        n, self._due = due_updates(self._due + len(finished), len(self.replay), c.update_every,
+                                   c.learning_starts, c.replay_capacity)
         metrics: dict[str, float] = {}
-        while self._due >= c.update_every and len(self.replay) >= min(c.learning_starts,
-                                                                      c.replay_capacity):
-            self._due -= c.update_every
+        for _ in range(n):
             sample = self.replay.sample(c.batch_size)
             batch = to_batch([t for t, _ in sample], self.spec)
             metrics = self.update(batch, torch.tensor([r for _, r in sample], dtype=torch.float32))

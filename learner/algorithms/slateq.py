@@ -63,7 +63,7 @@ from learner.maths import (
     soft_update,
     td_target,
 )
-from learner.replay import ReplayBuffer, rng_from_array, rng_to_array
+from learner.replay import ReplayBuffer, due_updates, rng_from_array, rng_to_array
 from learner.spec import WorldSpec, config_from_dict
 
 
@@ -280,11 +280,10 @@ class SlateQAgent:
         c = self.config
         self.replay.push(transitions)
         self.transitions_applied += len(transitions)
-        self._due += len(transitions)
+        n, self._due = due_updates(self._due + len(transitions), len(self.replay), c.update_every,
+                                   c.learning_starts, c.replay_capacity)
         metrics: dict[str, float] = {}
-        while self._due >= c.update_every and len(self.replay) >= min(c.learning_starts,
-                                                                      c.replay_capacity):
-            self._due -= c.update_every
+        for _ in range(n):
             metrics = self.update(to_batch(self.replay.sample(c.batch_size), self.spec))
         return metrics
 

@@ -55,7 +55,7 @@ from core.ports import Candidates, Observation, Slate
 from learner import nets
 from learner.batch import StateBatch, TransitionBatch, request_batch, to_batch
 from learner.maths import epsilon_slate, soft_update, td_target
-from learner.replay import ReplayBuffer, rng_from_array, rng_to_array
+from learner.replay import ReplayBuffer, due_updates, rng_from_array, rng_to_array
 from learner.spec import WorldSpec, config_from_dict
 
 
@@ -341,11 +341,10 @@ class WolpertingerAgent:
     def learn_many(self, transitions: Sequence[Transition]) -> dict[str, float]:
         self.replay.push(transitions)
         self.transitions_applied += len(transitions)
-        self._due += len(transitions)
+        n, self._due = due_updates(self._due + len(transitions), len(self.replay), self.config.update_every,
+                                   self.config.learning_starts, self.config.replay_capacity)
         metrics: dict[str, float] = {}
-        while self._due >= self.config.update_every and len(self.replay) >= min(
-                self.config.learning_starts, self.config.replay_capacity):
-            self._due -= self.config.update_every
+        for _ in range(n):
             metrics = self.update(to_batch(self.replay.sample(self.config.batch_size), self.spec))
         return metrics
 

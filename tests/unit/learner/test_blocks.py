@@ -139,3 +139,13 @@ def test_to_batch_whole_catalogue_rows_have_no_candidates():
                      next_candidate_features=[])], SMALL)
     assert b.candidates_BN.shape == (1, 0) and b.slate_cand_idx_BK.tolist() == [[-1, -1]]
     assert b.slate_features_BKF.shape == (1, 2, 1) and torch.all(b.slate_features_BKF == 0)
+
+
+def test_update_schedule_counts_credit_and_waits_for_learning_starts() -> None:
+    from learner.replay import due_updates
+
+    assert due_updates(17, stored=100, update_every=4, learning_starts=64, capacity=1000) == (4, 1)
+    # Not enough stored yet: nothing is due and the credit is kept for later.
+    assert due_updates(17, stored=10, update_every=4, learning_starts=64, capacity=1000) == (0, 17)
+    # A replay smaller than learning_starts starts once it is full.
+    assert due_updates(3, stored=50, update_every=1, learning_starts=64, capacity=50) == (3, 0)
