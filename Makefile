@@ -15,7 +15,10 @@ PYTEST_ARGS ?=
 
 .PHONY: install test lint unit integration demo lock clean-venv
 
+# A half-built environment (no stamp) is removed first: `python -m venv` refuses a path that is a
+# symlink or a leftover file, and pip would otherwise build on whatever a failed run left.
 $(STAMP): $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
 	$(BIN)/pip install --quiet -r $(LOCK)
