@@ -8,7 +8,7 @@ version all raise ``RecordDecodeError`` with a message that names the problem.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from functools import lru_cache
 from typing import Any, TypeVar, cast
 
@@ -55,21 +55,35 @@ def decode(data: bytes | bytearray | memoryview | None, record_type: type[R] | A
 
     Raises ``RecordDecodeError`` naming the problem; never returns a partial record.
     """
-    if data is None:
-        raise RecordDecodeError(_type_name(record_type), "empty message (null value)")
-    try:
-        record = _decoder(cast(Hashable, record_type)).decode(data)
-    except msgspec.ValidationError as exc:
-        raise RecordDecodeError(_type_name(record_type), _explain(str(exc))) from None
-    except msgspec.DecodeError as exc:
-        raise RecordDecodeError(_type_name(record_type), f"malformed JSON: {exc}") from None
-    if record.v not in record.SUPPORTED_VERSIONS:
-        raise RecordDecodeError(
-            type(record).__name__,
-            f"unsupported schema version {record.v} "
-            f"(this build reads {sorted(record.SUPPORTED_VERSIONS)})",
-        )
-    return record
+    return decoder_for(cast(Hashable, record_type))(data)
+
+
+@lru_cache(maxsize=64)
+def decoder_for(
+    record_type: type[R] | Any,
+) -> Callable[[bytes | bytearray | memoryview | None], R]:
+    """``decode`` with ``record_type`` bound: for loops that decode one type many times."""
+    decode_json = _decoder(cast(Hashable, record_type)).decode
+    expected = _type_name(record_type)
+
+    def decode_one(data: bytes | bytearray | memoryview | None) -> R:
+        if data is None:
+            raise RecordDecodeError(expected, "empty message (null value)")
+        try:
+            record = decode_json(data)
+        except msgspec.ValidationError as exc:
+            raise RecordDecodeError(expected, _explain(str(exc))) from None
+        except msgspec.DecodeError as exc:
+            raise RecordDecodeError(expected, f"malformed JSON: {exc}") from None
+        if record.v not in record.SUPPORTED_VERSIONS:
+            raise RecordDecodeError(
+                type(record).__name__,
+                f"unsupported schema version {record.v} "
+                f"(this build reads {sorted(record.SUPPORTED_VERSIONS)})",
+            )
+        return record  # type: ignore[no-any-return]
+
+    return decode_one
 
 
 def _explain(message: str) -> str:

@@ -163,8 +163,10 @@ class SessionState(Record, frozen=True, kw_only=True):
     view as it was when the oldest pending slate was served (the next transition's state).
     ``pending`` holds served slates whose outcome or successor is not known yet, oldest first; ``early_feedback`` holds feedback that
     arrived before its slate; ``parked`` holds slates of the user's next session that
-    arrived before this one ended; ``recent_ids`` remembers recent event ids for idempotency and
-    ``past_sessions`` recent finished sessions, so late events of theirs are dropped.
+    arrived before this one ended; ``done_requests`` names this session's slates whose
+    transition was already emitted, so their repeated slates and feedback are dropped (the
+    pending slates drop their own repeats: each impressed position and the click count once);
+    ``past_sessions`` names recent finished sessions, so late events of theirs are dropped.
     """
 
     user_id: str
@@ -174,7 +176,7 @@ class SessionState(Record, frozen=True, kw_only=True):
     pending: list[PendingSlate] = []
     early_feedback: list[Feedback] = []
     parked: list[SlateServed] = []
-    recent_ids: list[str] = []
+    done_requests: list[str] = []
     past_sessions: list[str] = []
     ended: bool = False
     last_event_ts: Finite = 0.0

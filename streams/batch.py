@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from core import codec
 from core.codec import RecordDecodeError
@@ -25,9 +26,8 @@ from streams.fold import FoldConfig, FoldState
 _ANY_INPUT = SlateServed | Feedback
 
 
-@dataclass(frozen=True)
-class RawRecord:
-    """One consumed record, as it came off the wire."""
+class RawRecord(NamedTuple):
+    """One consumed record, as it came off the wire (a tuple: one is made per record)."""
 
     topic: str
     partition: int
@@ -55,12 +55,16 @@ class BatchFolder:
     """Decodes records for one pair of input topics and folds them with ``streams.fold``."""
 
     def __init__(self, slates_topic: str, feedback_topic: str, config: FoldConfig) -> None:
-        self._types: dict[str, object] = {slates_topic: SlateServed, feedback_topic: Feedback}
+        self._decoders: dict[str, Callable[[Any], Record]] = {
+            slates_topic: codec.decoder_for(SlateServed),
+            feedback_topic: codec.decoder_for(Feedback),
+        }
+        self._decode_any = codec.decoder_for(_ANY_INPUT)
         self.config = config
 
     def decode(self, record: RawRecord) -> Record:
         """The event in ``record``; raises ``RecordDecodeError`` or ``ValueError`` if unusable."""
-        event: Record = codec.decode(record.value, self._types.get(record.topic, _ANY_INPUT))
+        event = self._decoders.get(record.topic, self._decode_any)(record.value)
         user_id: str = event.user_id  # type: ignore[attr-defined]
         if record.key != user_id.encode():
             raise ValueError(f"record key {record.key!r} is not its user_id {user_id!r}")
@@ -74,30 +78,37 @@ class BatchFolder:
         A stored state may still be bytes (as recovery restored it) or already decoded.
         """
         result = BatchResult()
-        # key -> (partition, state as loaded, state now); only changed states are written.
-        states: dict[bytes, tuple[int, FoldState | None, FoldState | None]] = {}
+        transitions, rejects = result.transitions, result.rejects
+        decode, apply, config = self.decode, fold.apply, self.config
+        # Per touched user: the state as loaded, the state now, the partition of its records.
+        loaded: dict[bytes, FoldState | None] = {}
+        current: dict[bytes, FoldState | None] = {}
+        partitions: dict[bytes, int] = {}
         for record in records:
             try:
-                event = self.decode(record)
+                event = decode(record)
             except (RecordDecodeError, ValueError) as exc:
-                result.rejects.append((record, str(exc)))
+                rejects.append((record, str(exc)))
                 continue
-            key = record.key
-            assert key is not None  # decode checked it
-            if key not in states:
-                loaded = as_state(load(key))
-                states[key] = (record.partition, loaded, loaded)
-            partition, loaded, state = states[key]
+            key: bytes = record.key  # type: ignore[assignment] # decode checked it
+            if key in current:
+                state = current[key]
+            else:
+                state = loaded[key] = current[key] = as_state(load(key))
+                partitions[key] = record.partition
             try:
-                new, out = fold.apply(state, event, self.config)
+                state, out = apply(state, event, config)
             except fold.InvalidEvent as exc:
-                result.rejects.append((record, str(exc)))
+                rejects.append((record, str(exc)))
                 continue
-            states[key] = (partition, loaded, new)
-            result.transitions.extend((key, partition, t) for t in out)
-        for key, (partition, loaded, state) in states.items():
-            if state is not None and state is not loaded:
-                result.states[key] = (partition, codec.encode(state), state)
+            current[key] = state
+            if out:
+                partition = partitions[key]
+                transitions.extend((key, partition, t) for t in out)
+        encode = codec.encode
+        for key, state in current.items():
+            if state is not None and state is not loaded[key]:  # only changed states are written
+                result.states[key] = (partitions[key], encode(state), state)
         return result
 
 

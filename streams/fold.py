@@ -12,8 +12,10 @@ therefore:
   session (which gives the exact next observation and the next served slate that SARSA
   needs) or the session's end (``done``). A completed outcome is folded into the view at
   once, so serving sees fresh history without waiting;
-- is idempotent: a repeated event id, a repeated slate, or an event of a finished session
-  changes nothing;
+- is idempotent: a repeated slate, a repeated impression or click, or an event of a
+  finished session changes nothing. Repeats are recognised by what they are (the slate's
+  request, the impressed position, the click of a slate), not by remembering every event
+  id: the state stays small, and every state change is encoded and sent;
 - keeps a user's *next* session waiting until the current one ends: its slates are parked
   and its feedback buffered, because the slates topic may run ahead of the feedback topic
   and the current session's last outcomes and SessionEnd may still be on their way. The
@@ -52,8 +54,8 @@ class FoldConfig:
 
     history_len: int = 10
     """How many recent positively-answered items the view keeps (DRR uses the last 5)."""
-    recent_ids: int = 256
-    """How many recent event ids are remembered for idempotency."""
+    done_requests: int = 256
+    """How many of the session's answered slates are remembered, so their repeats are dropped."""
     past_sessions: int = 8
     """How many finished session ids are remembered, so their late events are dropped."""
     early_feedback: int = 64
@@ -73,6 +75,11 @@ class InvalidEvent(ValueError):
 
 DEFAULT = FoldConfig()
 
+# isinstance() with a tuple is much cheaper than with a ``X | Y`` union, and this is per event.
+_FOLDED = (SlateServed, Impression, Click, SessionEnd)
+
+_replace = msgspec.structs.replace
+
 
 def transition_id(user_id: str, session_id: str, request_id: str) -> str:
     """Deterministic id of the transition for one answered slate."""
@@ -84,13 +91,6 @@ def new_state(user_id: str, session_id: str) -> FoldState:
     return FoldState(user_id=user_id, session_id=session_id, view=UserView())
 
 
-def as_fold_state(state: SessionState) -> FoldState:
-    """Upgrade a plain ``SessionState`` (no parked slates) to the fold's own state."""
-    if isinstance(state, FoldState):
-        return state
-    return FoldState(**msgspec.structs.asdict(state))
-
-
 def apply(
     state: SessionState | None, event: Record, config: FoldConfig = DEFAULT
 ) -> tuple[FoldState, list[Transition]]:
@@ -98,32 +98,29 @@ def apply(
 
     Raises ``InvalidEvent`` for feedback that contradicts its slate; the state is unchanged.
     """
-    if not isinstance(event, SlateServed | Impression | Click | SessionEnd):
+    if not isinstance(event, _FOLDED):
         raise TypeError(f"the session fold takes slates and feedback, not {type(event).__name__}")
-    state = new_state(event.user_id, event.session_id) if state is None else as_fold_state(state)
+    if state is None:
+        state = new_state(event.user_id, event.session_id)
     if event.session_id in state.past_sessions:
         return state, []  # a late event of a session that is already over
     if event.session_id != state.session_id:
-        if not isinstance(event, SlateServed):
+        if type(event) is not SlateServed:
             return _buffer(state, event, config), []  # feedback before its session's slate
         if state.ended:
             return _apply_slate(_start_session(state, event.session_id), event, config)
         return _park(state, event, config)
     if state.ended:
         return state, []
-    event_key = _event_key(event)
-    if event_key in state.recent_ids:
-        return state, []
-    if isinstance(event, SlateServed):
+    if type(event) is SlateServed:
         return _apply_slate(state, event, config)
-    return _apply_feedback(state, event, config)
+    return _apply_feedback(state, event, config)  # type: ignore[arg-type]
 
 
 def expire(
     state: SessionState, now: float, timeout_s: float, config: FoldConfig = DEFAULT
 ) -> tuple[FoldState, list[Transition]]:
     """End a session idle for longer than ``timeout_s``, emitting its terminal transition."""
-    state = as_fold_state(state)
     if state.ended or now - state.last_event_ts < timeout_s:
         return state, []
     return _end_session(state, now, config)
@@ -135,7 +132,7 @@ def _park(
     """Hold a slate of the user's next session until the current session ends."""
     if any(p.request_id == slate.request_id for p in state.parked):
         return state, []
-    state = msgspec.structs.replace(state, parked=[*state.parked, slate])
+    state = _replace(state, parked=[*state.parked, slate])
     if len(state.parked) <= config.parked_slates:
         return state, []
     # The current session never ended and the user has moved on for a while: close it.
@@ -145,7 +142,7 @@ def _park(
 def _start_session(state: FoldState, session_id: str) -> FoldState:
     """A fresh state for ``session_id`` that keeps what belongs to later sessions."""
     fresh = new_state(state.user_id, session_id)
-    return msgspec.structs.replace(
+    return _replace(
         fresh,
         past_sessions=state.past_sessions,
         early_feedback=state.early_feedback,
@@ -174,55 +171,54 @@ def _event_key(event: Record) -> str:
     return event.event_id  # type: ignore[attr-defined]
 
 
-def _remember(state: FoldState, key: str, ts: float, config: FoldConfig) -> FoldState:
-    recent = [*state.recent_ids, key][-config.recent_ids :]
-    return msgspec.structs.replace(
-        state, recent_ids=recent, last_event_ts=max(ts, state.last_event_ts)
-    )
-
-
 def _buffer(state: FoldState, event: Record, config: FoldConfig) -> FoldState:
-    if any(_event_key(e) == _event_key(event) for e in state.early_feedback):
+    key = _event_key(event)
+    if any(_event_key(e) == key for e in state.early_feedback):
         return state
     buffered = [*state.early_feedback, event][-config.early_feedback :]
-    return msgspec.structs.replace(state, early_feedback=buffered)
+    return _replace(state, early_feedback=buffered)
 
 
 def _apply_slate(
     state: FoldState, slate: SlateServed, config: FoldConfig
 ) -> tuple[FoldState, list[Transition]]:
-    if any(p.request_id == slate.request_id for p in state.pending):
-        return state, []
+    request_id = slate.request_id
+    if request_id in state.done_requests or any(p.request_id == request_id for p in state.pending):
+        return state, []  # a repeat (the simulator retries requests that went unanswered)
     pending = PendingSlate(
-        request_id=slate.request_id,
+        request_id=request_id,
         step=slate.step,
-        items=list(slate.items),
-        propensities=list(slate.propensities),
+        items=slate.items,
+        propensities=slate.propensities,
         policy=slate.policy,
         policy_version=slate.policy_version,
-        candidates=list(slate.candidates),
-        candidate_features=[list(r) for r in slate.candidate_features],
-        observation=list(slate.observation),
+        candidates=slate.candidates,
+        candidate_features=slate.candidate_features,
+        observation=slate.observation,
         served_ts=slate.ts,
     )
-    state = msgspec.structs.replace(state, pending=[*state.pending, pending])
-    state = _remember(state, _event_key(slate), slate.ts, config)
+    # Pending slates stay in step order, so the oldest is always first.
+    if state.pending and state.pending[-1].step > slate.step:
+        pendings = sorted([*state.pending, pending], key=lambda p: p.step)
+    else:
+        pendings = [*state.pending, pending]
+    view = state.view
     if slate.observation:
         # Serving conditions on the newest observation the user has shown.
-        view = msgspec.structs.replace(state.view, observation=list(slate.observation))
-        state = msgspec.structs.replace(state, view=view)
+        view = _replace(view, observation=slate.observation)
+    state = _replace(
+        state, pending=pendings, view=view, last_event_ts=max(slate.ts, state.last_event_ts)
+    )
     state, out = _release_ready(state, config)
     # Feedback that came before this slate can be applied now.
     waiting = [
         f
         for f in state.early_feedback
-        if getattr(f, "request_id", None) == slate.request_id
+        if getattr(f, "request_id", None) == request_id
         or (isinstance(f, SessionEnd) and f.session_id == state.session_id)
     ]
     if waiting:
-        state = msgspec.structs.replace(
-            state, early_feedback=[f for f in state.early_feedback if f not in waiting]
-        )
+        state = _replace(state, early_feedback=[f for f in state.early_feedback if f not in waiting])
         for feedback in waiting:
             try:
                 state, more = apply(state, feedback, config)
@@ -237,45 +233,54 @@ def _apply_slate(
 def _apply_feedback(
     state: FoldState, event: Impression | Click | SessionEnd, config: FoldConfig
 ) -> tuple[FoldState, list[Transition]]:
-    if isinstance(event, SessionEnd):
+    if type(event) is SessionEnd:
         if state.view.step < event.steps:
             # The last slates (on the other topic) or their outcomes are still on their way;
             # wait for them so the terminal transition is the right one.
             return _buffer(state, event, config), []
-        state = _remember(state, event.event_id, event.ts, config)
         return _end_session(state, event.ts, config)
-    index = next((i for i, p in enumerate(state.pending) if p.request_id == event.request_id), None)
-    if index is None:
+    request_id = event.request_id  # type: ignore[union-attr]
+    index = -1
+    for i, p in enumerate(state.pending):
+        if p.request_id == request_id:
+            index = i
+            break
+    if index < 0:
+        if request_id in state.done_requests:
+            return state, []  # feedback repeated after its slate's transition went out
         return _buffer(state, event, config), []
-    slate = state.pending[index]
-    _check_matches(slate, event)
-    if isinstance(event, Impression):
-        if event.position in slate.impressed_positions:
+    before = state.pending[index]
+    _check_matches(before, event)  # type: ignore[arg-type]
+    if type(event) is Impression:
+        if event.position in before.impressed_positions:
             return state, []
-        slate = msgspec.structs.replace(
-            slate,
-            impressed_positions=[*slate.impressed_positions, event.position],
-            click_expected=slate.click_expected or event.clicked,
-            outcome_ts=max(slate.outcome_ts, event.ts),
+        slate = _replace(
+            before,
+            impressed_positions=[*before.impressed_positions, event.position],
+            click_expected=before.click_expected or event.clicked,
+            outcome_ts=max(before.outcome_ts, event.ts),
         )
     else:
-        if slate.chosen_position is not None:
+        if before.chosen_position is not None:
             return state, []
-        slate = msgspec.structs.replace(
-            slate,
+        slate = _replace(
+            before,
             chosen_position=event.position,
             click_expected=True,
-            reward=event.reward,
-            outcome_ts=max(slate.outcome_ts, event.ts),
+            reward=event.reward,  # type: ignore[union-attr]
+            outcome_ts=max(before.outcome_ts, event.ts),
         )
-    was_known = state.pending[index].outcome_known
-    pending = [*state.pending[:index], slate, *state.pending[index + 1 :]]
-    state = _remember(
-        msgspec.structs.replace(state, pending=pending), event.event_id, event.ts, config
+    pending = list(state.pending)
+    pending[index] = slate
+    view = state.view
+    if slate.outcome_known and not before.outcome_known:
+        view = _advance(view, slate, config)
+    state = _replace(
+        state, pending=pending, view=view, last_event_ts=max(event.ts, state.last_event_ts)
     )
-    if slate.outcome_known and not was_known:
-        state = msgspec.structs.replace(state, view=_advance(state.view, slate, config))
     state, out = _release_ready(state, config)
+    if not state.early_feedback:
+        return state, out
     # A SessionEnd buffered behind this outcome may now be applied.
     ends = [
         f
@@ -283,9 +288,7 @@ def _apply_feedback(
         if isinstance(f, SessionEnd) and f.session_id == state.session_id
     ]
     if ends and state.view.step >= ends[0].steps:
-        state = msgspec.structs.replace(
-            state, early_feedback=[f for f in state.early_feedback if f not in ends]
-        )
+        state = _replace(state, early_feedback=[f for f in state.early_feedback if f not in ends])
         state, more = _apply_feedback(state, ends[0], config)
         out += more
     return state, out
@@ -302,12 +305,12 @@ def _check_matches(slate: PendingSlate, event: Impression | Click) -> None:
 
 def _advance(view: UserView, slate: PendingSlate, config: FoldConfig) -> UserView:
     """The view after a slate's outcome: history grows only on a click (positive feedback)."""
-    history, rewards = list(view.history), list(view.history_rewards)
+    history, rewards = view.history, view.history_rewards
     if slate.chosen_position is not None:
         history = [*history, slate.items[slate.chosen_position]][-config.history_len :]
         rewards = [*rewards, slate.reward][-config.history_len :]
     return UserView(
-        observation=list(view.observation),
+        observation=view.observation,
         history=history,
         history_rewards=rewards,
         step=view.step + 1,
@@ -317,24 +320,29 @@ def _advance(view: UserView, slate: PendingSlate, config: FoldConfig) -> UserVie
 
 def _release_ready(state: FoldState, config: FoldConfig) -> tuple[FoldState, list[Transition]]:
     """Emit transitions for answered slates whose successor slate is already known."""
+    pending = state.pending
+    if len(pending) < 2 or not pending[0].outcome_known:
+        return state, []
     out: list[Transition] = []
-    pending = sorted(state.pending, key=lambda p: p.step)
+    done = list(state.done_requests)
     frontier = state.frontier
     while len(pending) >= 2 and pending[0].outcome_known:
         answered, successor = pending[0], pending[1]
         before = _with_observation(frontier, answered)
         after = _with_observation(_advance(before, answered, config), successor)
         out.append(_transition(state, answered, before, after, successor, done=False))
+        done.append(answered.request_id)
         pending = pending[1:]
         frontier = after
-    return msgspec.structs.replace(state, pending=pending, frontier=frontier), out
+    done = done[-config.done_requests :]
+    return _replace(state, pending=pending, frontier=frontier, done_requests=done), out
 
 
 def _with_observation(view: UserView, slate: PendingSlate) -> UserView:
     """The view with the observation the user showed when ``slate`` was requested."""
     if not slate.observation:
         return view
-    return msgspec.structs.replace(view, observation=list(slate.observation))
+    return _replace(view, observation=slate.observation)
 
 
 def _end_session(
@@ -342,18 +350,19 @@ def _end_session(
 ) -> tuple[FoldState, list[Transition]]:
     """Close the session: the last answered slate becomes a terminal transition."""
     state, out = _release_ready(state, config)
-    pending = sorted(state.pending, key=lambda p: p.step)
+    pending = state.pending
     if pending and pending[0].outcome_known:
         before = _with_observation(state.frontier, pending[0])
         after = _advance(before, pending[0], config)
         out.append(_transition(state, pending[0], before, after, None, done=True))
     past = [*state.past_sessions, state.session_id][-config.past_sessions :]
-    ended = msgspec.structs.replace(
+    ended = _replace(
         state,
         pending=[],
         # Feedback of later sessions stays buffered for them; this session's is moot now.
         early_feedback=[f for f in state.early_feedback if f.session_id != state.session_id],
         ended=True,
+        done_requests=[],
         past_sessions=past,
         last_event_ts=max(ts, state.last_event_ts),
     )
@@ -376,9 +385,9 @@ def _transition(
         session_id=state.session_id,
         request_id=slate.request_id,
         state=before,
-        slate=list(slate.items),
-        propensities=list(slate.propensities),
-        candidates=list(slate.candidates),
+        slate=slate.items,
+        propensities=slate.propensities,
+        candidates=slate.candidates,
         candidate_features=slate.candidate_features,
         policy=slate.policy,
         policy_version=slate.policy_version,
@@ -386,8 +395,8 @@ def _transition(
         chosen_position=chosen,
         reward=slate.reward,
         next_state=after,
-        next_slate=list(successor.items) if successor else [],
-        next_candidates=list(successor.candidates) if successor else [],
+        next_slate=successor.items if successor else [],
+        next_candidates=successor.candidates if successor else [],
         next_candidate_features=successor.candidate_features if successor else [],
         done=done,
         served_ts=slate.served_ts,

@@ -53,7 +53,7 @@ def example_events(ts: float = 1_700_000_000.0) -> list[Record]:
             event_id="e-3", steps=1, ts=ts + 0.04, reason="budget", user_id=uid, session_id=sid,
         ),
         events.SessionState(
-            view=view, frontier=view, pending=[pending], recent_ids=["e-0"],
+            view=view, frontier=view, pending=[pending], done_requests=["r-0"],
             early_feedback=[
                 events.Click(
                     event_id="e-0", request_id="r-2", item=3, position=0, reward=1.0, ts=ts,

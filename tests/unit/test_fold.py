@@ -123,6 +123,14 @@ def test_duplicates_change_nothing():
     assert (again, more) == (state, [])
 
 
+def test_repeats_of_an_answered_slate_are_dropped_not_buffered():
+    events = two_step_session()
+    state, out = run(events[:6])  # r0 answered and r1 served: r0's transition is out
+    assert [t.request_id for t in out] == ["r0"] and state.done_requests == ["r0"]
+    again, more = run(events[:5], state)  # r0's slate and all its feedback once more
+    assert (again, more) == (state, [])
+
+
 def test_feedback_before_its_slate_is_replayed_when_the_slate_arrives():
     events = two_step_session()
     _, expected = run(events)
