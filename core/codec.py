@@ -47,6 +47,10 @@ def _decoder(record_type: Any) -> msgspec.json.Decoder:
 
 
 def _type_name(record_type: Any) -> str:
+    # A record's wire name is its tag (a projection such as SlateAnswer reads a SlateServed).
+    config = getattr(record_type, "__struct_config__", None)
+    if config is not None and isinstance(config.tag, str):
+        return config.tag
     return getattr(record_type, "__name__", None) or str(record_type).replace("core.events.", "")
 
 

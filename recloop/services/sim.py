@@ -30,7 +30,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from core import codec
 from core.dlq import dlq_headers
-from core.events import Click, EpisodeOutcome, Record, SlateServed
+from core.events import Click, EpisodeOutcome, Record, SlateAnswer
 from core.settings import Settings
 from producer_sim.cohort import Cohort, InvalidSlate
 from producer_sim.presets import make_world
@@ -140,6 +140,8 @@ class SimService:
             ["rec.slates"],
             group_id=group_id,
             name=CONSUMER_NAME,
+            # Only what the user acts on: the echoed candidate features are for learning.
+            value_types={self.topics.slates: SlateAnswer},
             consumer_config={"fetch.wait.max.ms": 10},
             producer=self._producer,
         )
@@ -275,7 +277,7 @@ class SimService:
         slots, items, policies = [], [], []
         answered: set[int] = set()
         for msg in batch:
-            served: SlateServed = msg.value
+            served: SlateAnswer = msg.value
             slot = self._waiting.get(served.request_id)
             if slot is None or self.cohort.user_ids[slot] != served.user_id or slot in answered:
                 self.stats.unmatched_slates += 1

@@ -117,6 +117,30 @@ def test_every_record_round_trips(record_type: type) -> None:
     check()
 
 
+@settings(max_examples=60, deadline=None)
+@given(_strategy(events.SlateServed))
+def test_a_slate_answer_reads_a_slate_served_without_its_echo(slate: events.SlateServed) -> None:
+    answer = codec.decode(codec.encode(slate), events.SlateAnswer)
+    fields = ("request_id", "user_id", "session_id", "items", "policy", "policy_version")
+    assert {f: getattr(answer, f) for f in fields} == {f: getattr(slate, f) for f in fields}
+
+
+def test_a_slate_answer_is_as_strict_as_a_slate_served_on_its_fields() -> None:
+    slate = events.SlateServed(
+        request_id="r", user_id="u", session_id="s", step=0, ts=1.0, request_ts=1.0,
+        items=[1, 2], scores=[0.0, 0.0], propensities=[0.5, 0.5], policy="p", policy_version=1,
+    )  # fmt: skip
+    bad_items = codec.encode(slate).replace(b'"items":[1,2]', b'"items":["x",2]')
+    with pytest.raises(RecordDecodeError, match="cannot decode SlateServed.*items"):
+        codec.decode(bad_items, events.SlateAnswer)
+    click = events.Click(event_id="e", user_id="u", session_id="s", request_id="r", item=1,
+                         position=0, reward=1.0, ts=1.0)  # fmt: skip
+    with pytest.raises(RecordDecodeError, match="cannot decode SlateServed"):
+        codec.decode(codec.encode(click), events.SlateAnswer)  # another record's tag
+    with pytest.raises(RecordDecodeError, match="malformed JSON"):
+        codec.decode(codec.encode(slate)[:-1], events.SlateAnswer)  # the echo is still parsed
+
+
 def test_feedback_union_decodes_each_member_by_its_tag() -> None:
     click = events.Click(
         event_id="e",
