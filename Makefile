@@ -15,9 +15,11 @@ PYTEST_ARGS ?=
 
 .PHONY: install test lint unit integration demo lock clean-venv
 
+# The path already names the lock file's hash, so the stamp's existence is all that matters: a
+# fresh clone's lock file is newer than the stamp, and must not trigger a reinstall (order-only).
 # A half-built environment (no stamp) is removed first: `python -m venv` refuses a path that is a
 # symlink or a leftover file, and pip would otherwise build on whatever a failed run left.
-$(STAMP): $(LOCK)
+$(STAMP): | $(LOCK)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
