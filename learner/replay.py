@@ -7,12 +7,16 @@ pairs) in a ring of fixed capacity and draw with their own seeded ``np.random.Ge
 with ``with_items=True``, the items themselves (encoded through ``core.codec``; items must be
 ``Transition`` or tuples of ``Transition | None | float``). Agents leave the items out by default:
 a replay of tens of thousands of transitions would dwarf the weights in every snapshot.
+
+``ReplayConfig`` holds the replay and schedule fields every algorithm's ``Config`` shares, and
+``learn_from_replay`` is the loop every agent runs over them: push, then the updates now due.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -87,6 +91,24 @@ def due_updates(
         return 0, credit
     n = credit // update_every
     return n, credit - n * update_every
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """The replay and schedule fields of every algorithm's ``Config``, which subclasses it
+    (redeclaring a field only to change its default)."""
+
+    batch_size: int = 64
+    """Transitions per update."""
+    replay_capacity: int = 50_000
+    """Transitions kept for replay."""
+    update_every: int = 1
+    """One update per this many new transitions."""
+    learning_starts: int = 64
+    """No update before the replay holds this many transitions."""
+    snapshot_replay: bool = False
+    """Put the replay contents in snapshots, so a resumed learner continues exactly
+    (off by default: a full replay dwarfs the weights)."""
 
 
 class ReplayBuffer:
@@ -188,3 +210,19 @@ class PrioritisedReplay(ReplayBuffer):
         super().load_state_arrays(arrays)
         self.priorities = np.asarray(arrays["priorities"], np.float64).copy()
         self.max_priority = float(arrays["max_priority"][0])
+
+
+def learn_from_replay(replay: ReplayBuffer, config: ReplayConfig, entering: Sequence[Any],
+                      credit: int, update: Callable[[Any], dict[str, float]],
+                      ) -> tuple[dict[str, float], int]:
+    """Pushes ``entering`` into replay, then runs the updates now due (``due_updates``), each
+    ``update(replay.sample(batch_size))``. Returns the last update's metrics ({} when none was
+    due) and the credit left over for the next call."""
+    replay.push(entering)
+    n, credit = due_updates(credit + len(entering), len(replay), config.update_every,
+                            config.learning_starts, config.replay_capacity)
+    metrics: dict[str, float] = {}
+    for _ in range(n):
+        metrics = update(replay.sample(config.batch_size))
+    return metrics, credit
+

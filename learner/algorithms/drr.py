@@ -57,17 +57,18 @@ from torch import nn
 
 from core.events import Transition
 from core.ports import Candidates, Observation, Slate
-from learner import nets
+from learner import checkpoint, nets
 from learner.batch import StateBatch, TransitionBatch, request_batch, to_batch
-from learner.maths import epsilon_slate, soft_update, td_target
-from learner.replay import PrioritisedReplay, due_updates, rng_from_array, rng_to_array
+from learner.maths import soft_update, td_target
+from learner.policy import SeededPolicy
+from learner.replay import PrioritisedReplay, ReplayConfig, learn_from_replay
 from learner.spec import WorldSpec, config_from_dict
 
 STATE_REPS = ("ave", "p", "u")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ReplayConfig):
     dim: int = 16
     """D, the dimension of item, user and action vectors."""
     state_rep: str = "ave"
@@ -82,21 +83,10 @@ class Config:
     """Discount γ."""
     tau: float = 0.01
     """Soft target update rate τ."""
-    batch_size: int = 64
-    """Transitions per update."""
-    replay_capacity: int = 50_000
-    """Transitions kept for prioritised replay."""
     per_alpha: float = 0.6
     """Prioritisation exponent α (0 = uniform)."""
     per_beta: float = 0.4
     """Importance-weight exponent β (1 = full correction)."""
-    update_every: int = 1
-    """One update per this many new transitions."""
-    learning_starts: int = 64
-    """No update before the replay holds this many transitions."""
-    snapshot_replay: bool = False
-    """Put the replay contents in snapshots, so a resumed learner continues exactly
-    (off by default: a full replay dwarfs the weights)."""
     epsilon: float = 0.1
     """ε-greedy serving: with probability ε the whole slate is uniform."""
     grad_clip: float = 10.0
@@ -195,15 +185,13 @@ def slate_rewards(batch: TransitionBatch) -> torch.Tensor:
 # -------------------------------------------------------------------------------- policy
 
 
-class DRRPolicy:
+class DRRPolicy(SeededPolicy):
     """Top K of e_i · π(s), ε-greedy while ``explore`` is on."""
 
     def __init__(self, net: DRRNet, features_IF: torch.Tensor, config: Config, spec: WorldSpec,
                  seed: int, version: int = 0) -> None:
-        self.name, self.version = "drr", version
+        super().__init__("drr", version, seed, stream=13)
         self.net, self.features_IF, self.config, self.spec = net, features_IF, config, spec
-        self.explore = True
-        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 13]))
         self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def _catalogue(self) -> torch.Tensor:
@@ -227,8 +215,7 @@ class DRRPolicy:
             e_ND = self.net.rep.embed(req.candidates_BN, req.cand_features_BNF)[0]
         scores_N = e_ND @ a_D
         top_K = torch.topk(scores_N, k).indices.numpy()
-        eps = self.config.epsilon if self.explore else 0.0
-        idx_K, prop_K = epsilon_slate(top_K, len(ids_N), eps, self.rng)
+        idx_K, prop_K = self.epsilon_explore(top_K, len(ids_N), self.config.epsilon)
         return Slate(items=ids_N[idx_K], scores=scores_N.numpy()[idx_K].astype(np.float64),
                      propensities=prop_K)
 
@@ -313,16 +300,17 @@ class DRRAgent:
         return metrics, td_abs_B
 
     def learn_many(self, transitions: Sequence[Transition]) -> dict[str, float]:
-        self.replay.push(transitions)
         self.transitions_applied += len(transitions)
-        n, self._due = due_updates(self._due + len(transitions), len(self.replay), self.config.update_every,
-                                   self.config.learning_starts, self.config.replay_capacity)
-        metrics: dict[str, float] = {}
-        for _ in range(n):
-            items, slots, weights = self.replay.sample(self.config.batch_size)
-            metrics, td_abs_B = self._update(to_batch(items, self.spec),
-                                             torch.from_numpy(weights))
-            self.replay.update_priorities(slots, td_abs_B.numpy())
+        metrics, self._due = learn_from_replay(self.replay, self.config, transitions, self._due,
+                                               self._update_on)
+        return metrics
+
+    def _update_on(self, sample: tuple[list[Transition], np.ndarray, np.ndarray]
+                   ) -> dict[str, float]:
+        """One weighted update on a prioritised sample, then its slots' new priorities."""
+        items, slots, weights = sample
+        metrics, td_abs_B = self._update(to_batch(items, self.spec), torch.from_numpy(weights))
+        self.replay.update_priorities(slots, td_abs_B.numpy())
         return metrics
 
     def policy(self) -> DRRPolicy:
@@ -331,28 +319,22 @@ class DRRAgent:
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
 
+    def _snapshot_parts(self) -> checkpoint.AgentParts:
+        return checkpoint.AgentParts({"net": self.net, "target": self.target},
+                                     {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt},
+                                     self.replay)
+
     def state_tensors(self) -> dict[str, np.ndarray]:
-        out = {**nets.module_to_arrays("net", self.net),
-               **nets.module_to_arrays("target", self.target),
-               **nets.optimizer_to_arrays("actor_opt", self.actor_opt),
-               **nets.optimizer_to_arrays("critic_opt", self.critic_opt),
-               "item_features": self.features_IF.numpy().copy(),
-               "policy_rng": rng_to_array(self._policy.rng),
-               "counters": np.array([self.transitions_applied, self.updates, self._due])}
-        out.update({f"replay.{k}": v for k, v in self.replay.state_arrays(
-            self.config.snapshot_replay).items()})
-        return out
+        return checkpoint.save_agent(
+            self._snapshot_parts(), (self.transitions_applied, self.updates, self._due),
+            self._policy.rng, self.config.snapshot_replay,
+            extra={"item_features": self.features_IF.numpy().copy()})
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        nets.module_from_arrays("net", self.net, tensors)
-        nets.module_from_arrays("target", self.target, tensors)
-        nets.optimizer_from_arrays("actor_opt", self.actor_opt, tensors)
-        nets.optimizer_from_arrays("critic_opt", self.critic_opt, tensors)
+        restored = checkpoint.load_agent(self._snapshot_parts(), tensors)
+        self.transitions_applied, self.updates, self._due = restored.counters
+        self._policy.rng = restored.policy_rng
         self.features_IF.copy_(torch.from_numpy(np.array(tensors["item_features"])))
-        self._policy.rng = rng_from_array(tensors["policy_rng"])
-        self.transitions_applied, self.updates, self._due = (int(x) for x in tensors["counters"])
-        self.replay.load_state_arrays({k[7:]: v for k, v in tensors.items()
-                                       if k.startswith("replay.")})
 
 
 def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec) -> DRRPolicy:
@@ -362,6 +344,4 @@ def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec)
     nets.module_from_arrays("net", net, tensors)
     features_IF = torch.from_numpy(np.array(tensors["item_features"], np.float32))
     policy = DRRPolicy(net, features_IF, config, spec, 0, version=int(manifest.get("version", 0)))
-    if "policy_rng" in tensors:
-        policy.rng = rng_from_array(tensors["policy_rng"])
-    return policy
+    return checkpoint.resume_policy_rng(policy, tensors)

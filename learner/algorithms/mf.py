@@ -34,15 +34,15 @@ from torch import nn
 
 from core.events import Transition
 from core.ports import Candidates, Observation, Slate
-from learner import nets
+from learner import checkpoint, nets
 from learner.batch import TransitionBatch, request_batch, to_batch, whole_catalogue
-from learner.maths import epsilon_slate
-from learner.replay import ReplayBuffer, due_updates, rng_from_array, rng_to_array
+from learner.policy import SeededPolicy
+from learner.replay import ReplayBuffer, ReplayConfig, learn_from_replay
 from learner.spec import WorldSpec, config_from_dict
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ReplayConfig):
     dim: int = 16
     """Factor dimension D."""
     hidden: tuple[int, ...] = (32,)
@@ -53,17 +53,11 @@ class Config:
     """Adam learning rate."""
     weight_decay: float = 1e-5
     """L2 regularisation (BPR's λ), applied through Adam."""
-    batch_size: int = 64
-    """Transitions per update."""
+    # ReplayConfig's schedule, with MF's own defaults:
     replay_capacity: int = 20_000
     """Transitions kept for replay (online MF revisits recent data a few times)."""
     update_every: int = 4
-    """One update per this many new transitions."""
     learning_starts: int = 32
-    """No update before the replay holds this many transitions."""
-    snapshot_replay: bool = False
-    """Put the replay contents in snapshots, so a resumed learner continues exactly
-    (off by default: a full replay dwarfs the weights)."""
     null_pairs: bool = True
     """Include the null item in the pairs (see the module docstring)."""
     epsilon: float = 0.1
@@ -113,15 +107,13 @@ def slate_pairs(batch: TransitionBatch, scores_BK: torch.Tensor, null_B: torch.T
     return torch.cat(winners), torch.cat(losers)
 
 
-class MFPolicy:
+class MFPolicy(SeededPolicy):
     """Top-K by p(s)·q_i + b_i, with ε-uniform exploration while ``explore`` is on."""
 
     def __init__(self, net: MFNet, config: Config, spec: WorldSpec, seed: int,
                  version: int = 0) -> None:
-        self.name, self.version = "mf", version
+        super().__init__("mf", version, seed, stream=7)
         self.net, self.config, self.spec = net, config, spec
-        self.explore = True
-        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
 
     @torch.no_grad()
     def recommend(self, observation: Observation, candidates: Candidates, k: int) -> Slate:
@@ -130,8 +122,7 @@ class MFPolicy:
         req = request_batch(observation, candidates, self.spec)
         scores_N = self.net.scores(req.state, req.candidates_BN, req.cand_features_BNF)[0][0]
         top_K = torch.topk(scores_N, k).indices.numpy()
-        eps = self.config.epsilon if self.explore else 0.0
-        idx_K, prop_K = epsilon_slate(top_K, len(candidates), eps, self.rng)
+        idx_K, prop_K = self.epsilon_explore(top_K, len(candidates), self.config.epsilon)
         return Slate(items=candidates.ids[idx_K].astype(np.int64),
                      scores=scores_N.numpy()[idx_K].astype(np.float64), propensities=prop_K)
 
@@ -169,14 +160,13 @@ class MFAgent:
                 "pairs": float(win.numel()), "updates": float(self.updates)}
 
     def learn_many(self, transitions: Sequence[Transition]) -> dict[str, float]:
-        self.replay.push(transitions)
         self.transitions_applied += len(transitions)
-        n, self._due = due_updates(self._due + len(transitions), len(self.replay), self.config.update_every,
-                                   self.config.learning_starts, self.config.replay_capacity)
-        metrics: dict[str, float] = {}
-        for _ in range(n):
-            metrics = self.update(to_batch(self.replay.sample(self.config.batch_size), self.spec))
+        metrics, self._due = learn_from_replay(self.replay, self.config, transitions, self._due,
+                                               self._update_on)
         return metrics
+
+    def _update_on(self, sample: list[Transition]) -> dict[str, float]:
+        return self.update(to_batch(sample, self.spec))
 
     def policy(self) -> MFPolicy:
         return self._policy
@@ -184,21 +174,18 @@ class MFAgent:
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
 
+    def _snapshot_parts(self) -> checkpoint.AgentParts:
+        return checkpoint.AgentParts({"net": self.net}, {"opt": self.opt}, self.replay)
+
     def state_tensors(self) -> dict[str, np.ndarray]:
-        out = {**nets.module_to_arrays("net", self.net),
-               **nets.optimizer_to_arrays("opt", self.opt),
-               "policy_rng": rng_to_array(self._policy.rng),
-               "counters": np.array([self.transitions_applied, self.updates, self._due])}
-        out.update({f"replay.{k}": v for k, v in self.replay.state_arrays(self.config.snapshot_replay).items()})
-        return out
+        return checkpoint.save_agent(
+            self._snapshot_parts(), (self.transitions_applied, self.updates, self._due),
+            self._policy.rng, self.config.snapshot_replay)
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        nets.module_from_arrays("net", self.net, tensors)
-        nets.optimizer_from_arrays("opt", self.opt, tensors)
-        self._policy.rng = rng_from_array(tensors["policy_rng"])
-        self.transitions_applied, self.updates, self._due = (int(x) for x in tensors["counters"])
-        self.replay.load_state_arrays({k[7:]: v for k, v in tensors.items()
-                                       if k.startswith("replay.")})
+        restored = checkpoint.load_agent(self._snapshot_parts(), tensors)
+        self.transitions_applied, self.updates, self._due = restored.counters
+        self._policy.rng = restored.policy_rng
 
 
 def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec) -> MFPolicy:
@@ -206,7 +193,5 @@ def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec)
     config = config_from_dict(Config, manifest.get("config", {}))
     net = MFNet(config, spec)
     nets.module_from_arrays("net", net, tensors)
-    policy = MFPolicy(net, config, spec, 0, version=int(manifest.get("version", 0)))
-    if "policy_rng" in tensors:
-        policy.rng = rng_from_array(tensors["policy_rng"])
-    return policy
+    return checkpoint.resume_policy_rng(
+        MFPolicy(net, config, spec, 0, version=int(manifest.get("version", 0))), tensors)

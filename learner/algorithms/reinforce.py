@@ -39,7 +39,7 @@ from torch import nn
 
 from core.events import Transition
 from core.ports import Candidates, Observation, Slate
-from learner import nets
+from learner import checkpoint, nets
 from learner.batch import TransitionBatch, request_batch, to_batch, whole_catalogue
 from learner.maths import (
     capped_importance_weight,
@@ -48,19 +48,21 @@ from learner.maths import (
     systematic_sample,
     topk_lambda,
 )
+from learner.policy import SeededPolicy
 from learner.replay import (
     ReplayBuffer,
-    due_updates,
+    ReplayConfig,
     items_from_arrays,
     items_to_arrays,
-    rng_from_array,
-    rng_to_array,
+    learn_from_replay,
 )
 from learner.spec import WorldSpec, config_from_dict
 
+SESSIONS = "sessions"  # snapshot key prefix of the transitions held until their session ends
+
 
 @dataclass(frozen=True)
-class Config:
+class Config(ReplayConfig):
     dim: int = 16
     """State and item vector dimension D."""
     hidden: tuple[int, ...] = (32,)
@@ -83,17 +85,12 @@ class Config:
     """c in min(π/β, c); the paper's production value e^3."""
     sampled_softmax: int = 256
     """Negatives drawn when the action space is the whole catalogue."""
-    batch_size: int = 64
-    """Transitions per update."""
+    # ReplayConfig's schedule, with REINFORCE's own defaults:
     replay_capacity: int = 20_000
     """Transitions (with their returns) kept for replay."""
     update_every: int = 4
     """One update per this many transitions entering replay."""
     learning_starts: int = 32
-    """No update before the replay holds this many transitions."""
-    snapshot_replay: bool = False
-    """Put the replay contents in snapshots, so a resumed learner continues exactly
-    (off by default: a full replay dwarfs the weights)."""
     max_open_sessions: int = 10_000
     """Sessions held waiting for their end; beyond it the oldest is released with the
     return truncated at its last known step (a session that never ends must not leak)."""
@@ -134,15 +131,13 @@ def pg_weights(pi_B: torch.Tensor, beta_B: torch.Tensor, k: int, cap: float,
     return w_B.detach()
 
 
-class ReinforcePolicy:
+class ReinforcePolicy(SeededPolicy):
     """Softmax over candidates; serves top K' plus K - K' sampled (while ``explore``)."""
 
     def __init__(self, net: ReinforceNet, config: Config, spec: WorldSpec, seed: int,
                  version: int = 0) -> None:
-        self.name, self.version = "reinforce", version
+        super().__init__("reinforce", version, seed, stream=7)
         self.net, self.config, self.spec = net, config, spec
-        self.explore = True
-        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
 
     @torch.no_grad()
     def recommend(self, observation: Observation, candidates: Candidates, k: int) -> Slate:
@@ -249,16 +244,14 @@ class ReinforceAgent:
                 finished += self._with_returns(self._sessions.pop(key))
         while len(self._sessions) > c.max_open_sessions:
             finished += self._with_returns(self._sessions.pop(next(iter(self._sessions))))
-        self.replay.push(finished)
         self.transitions_applied += len(transitions)
-        n, self._due = due_updates(self._due + len(finished), len(self.replay), c.update_every,
-                                   c.learning_starts, c.replay_capacity)
-        metrics: dict[str, float] = {}
-        for _ in range(n):
-            sample = self.replay.sample(c.batch_size)
-            batch = to_batch([t for t, _ in sample], self.spec)
-            metrics = self.update(batch, torch.tensor([r for _, r in sample], dtype=torch.float32))
+        metrics, self._due = learn_from_replay(self.replay, c, finished, self._due,
+                                               self._update_on)
         return metrics
+
+    def _update_on(self, sample: list[tuple[Transition, float]]) -> dict[str, float]:
+        batch = to_batch([t for t, _ in sample], self.spec)
+        return self.update(batch, torch.tensor([r for _, r in sample], dtype=torch.float32))
 
     def _with_returns(self, episode: list[Transition]) -> list[tuple[Transition, float]]:
         R_T = discounted_returns(np.array([e.reward for e in episode]),
@@ -271,34 +264,30 @@ class ReinforceAgent:
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
 
+    def _snapshot_parts(self) -> checkpoint.AgentParts:
+        return checkpoint.AgentParts({"net": self.net}, {"opt": self.opt}, self.replay)
+
     def state_tensors(self) -> dict[str, np.ndarray]:
-        return {**nets.module_to_arrays("net", self.net),
-                **nets.optimizer_to_arrays("opt", self.opt),
-                "gen": nets.generator_to_array(self.gen),
-                "policy_rng": rng_to_array(self._policy.rng),
-                "counters": np.array([self.transitions_applied, self.updates, self._due]),
-                **{f"replay.{k}": v for k, v in self.replay.state_arrays(self.config.snapshot_replay).items()},
-                **self._sessions_arrays()}
+        return checkpoint.save_agent(
+            self._snapshot_parts(), (self.transitions_applied, self.updates, self._due),
+            self._policy.rng, self.config.snapshot_replay,
+            extra={"gen": nets.generator_to_array(self.gen), **self._sessions_arrays()})
 
     def _sessions_arrays(self) -> dict[str, np.ndarray]:
         """Sessions still waiting for their end (only with ``snapshot_replay``)."""
         if not self.config.snapshot_replay:
             return {}
         held = [t for episode in self._sessions.values() for t in episode]
-        return {f"sessions.{k}": v for k, v in items_to_arrays(held).items()}
+        return checkpoint.with_prefix(SESSIONS, items_to_arrays(held))
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        nets.module_from_arrays("net", self.net, tensors)
-        nets.optimizer_from_arrays("opt", self.opt, tensors)
+        restored = checkpoint.load_agent(self._snapshot_parts(), tensors)
+        self.transitions_applied, self.updates, self._due = restored.counters
+        self._policy.rng = restored.policy_rng
         nets.generator_from_array(self.gen, tensors["gen"])
-        self._policy.rng = rng_from_array(tensors["policy_rng"])
-        self.transitions_applied, self.updates, self._due = (int(x) for x in tensors["counters"])
-        self.replay.load_state_arrays({k[7:]: v for k, v in tensors.items()
-                                       if k.startswith("replay.")})
-        if "sessions.items_blob" in tensors:
+        if f"{SESSIONS}.items_blob" in tensors:
             self._sessions = {}
-            for t in items_from_arrays({k[9:]: v for k, v in tensors.items()
-                                        if k.startswith("sessions.")}):
+            for t in items_from_arrays(checkpoint.under_prefix(SESSIONS, tensors)):
                 self._sessions.setdefault((t.user_id, t.session_id), []).append(t)
 
 
@@ -308,6 +297,4 @@ def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec)
     net = ReinforceNet(config, spec)
     nets.module_from_arrays("net", net, tensors)
     policy = ReinforcePolicy(net, config, spec, 0, version=int(manifest.get("version", 0)))
-    if "policy_rng" in tensors:
-        policy.rng = rng_from_array(tensors["policy_rng"])
-    return policy
+    return checkpoint.resume_policy_rng(policy, tensors)

@@ -52,10 +52,9 @@ from torch import nn
 
 from core.events import Transition
 from core.ports import Candidates, Observation, Slate
-from learner import nets
+from learner import checkpoint, nets
 from learner.batch import TransitionBatch, request_batch, to_batch, whole_catalogue
 from learner.maths import (
-    epsilon_slate,
     select_slate_exact,
     select_slate_greedy,
     select_slate_topk,
@@ -63,12 +62,13 @@ from learner.maths import (
     soft_update,
     td_target,
 )
-from learner.replay import ReplayBuffer, due_updates, rng_from_array, rng_to_array
+from learner.policy import SeededPolicy
+from learner.replay import ReplayBuffer, ReplayConfig, learn_from_replay
 from learner.spec import WorldSpec, config_from_dict
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ReplayConfig):
     hidden: tuple[int, ...] = (64, 64)
     """Hidden layers of the item-wise Q̄ network over [obs ; item features]."""
     item_id_dim: int = 0
@@ -89,17 +89,6 @@ class Config:
     """Unshifted null mass of the proportional model."""
     selector: str = "topk"
     """Slate selection: "topk", "greedy" or "exact"."""
-    batch_size: int = 64
-    """Transitions per update."""
-    replay_capacity: int = 50_000
-    """Transitions kept for replay."""
-    update_every: int = 1
-    """One update per this many new transitions."""
-    learning_starts: int = 64
-    """No update before the replay holds this many transitions."""
-    snapshot_replay: bool = False
-    """Put the replay contents in snapshots, so a resumed learner continues exactly
-    (off by default: a full replay dwarfs the weights)."""
     epsilon: float = 0.1
     """Serving explores: with probability ε the whole slate is uniform."""
     null_value: bool = True
@@ -174,15 +163,14 @@ class ChoiceModel(nn.Module):
         return F.cross_entropy(torch.cat([logits_BK, null_B1], 1), target_B)
 
 
-class SlateQPolicy:
+class SlateQPolicy(SeededPolicy):
     """Select the slate maximising the decomposed value; ε-uniform exploration."""
 
     def __init__(self, q: ItemwiseQ, choice: ChoiceModel, config: Config, spec: WorldSpec,
                  seed: int, version: int = 0) -> None:
-        self.name, self.version = "slateq" if config.gamma > 0 else "slateq_myopic", version
+        super().__init__("slateq" if config.gamma > 0 else "slateq_myopic", version, seed,
+                         stream=7)
         self.q, self.choice, self.config, self.spec = q, choice, config, spec
-        self.explore = True
-        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
 
     @torch.no_grad()
     def recommend(self, observation: Observation, candidates: Candidates, k: int) -> Slate:
@@ -201,8 +189,7 @@ class SlateQPolicy:
             top_K = select_slate_greedy(v_N, q_N, v_null, k)
         else:
             top_K = select_slate_exact(v_N, q_N, v_null, k)
-        eps = self.config.epsilon if self.explore else 0.0
-        idx_K, prop_K = epsilon_slate(top_K, len(candidates), eps, self.rng)
+        idx_K, prop_K = self.epsilon_explore(top_K, len(candidates), self.config.epsilon)
         return Slate(items=candidates.ids[idx_K].astype(np.int64), scores=(v_N * q_N)[idx_K],
                      propensities=prop_K)
 
@@ -277,15 +264,13 @@ class SlateQAgent:
                 "td_rows": float(use_B.sum()), "updates": float(self.updates)}
 
     def learn_many(self, transitions: Sequence[Transition]) -> dict[str, float]:
-        c = self.config
-        self.replay.push(transitions)
         self.transitions_applied += len(transitions)
-        n, self._due = due_updates(self._due + len(transitions), len(self.replay), c.update_every,
-                                   c.learning_starts, c.replay_capacity)
-        metrics: dict[str, float] = {}
-        for _ in range(n):
-            metrics = self.update(to_batch(self.replay.sample(c.batch_size), self.spec))
+        metrics, self._due = learn_from_replay(self.replay, self.config, transitions, self._due,
+                                               self._update_on)
         return metrics
+
+    def _update_on(self, sample: list[Transition]) -> dict[str, float]:
+        return self.update(to_batch(sample, self.spec))
 
     def policy(self) -> SlateQPolicy:
         return self._policy
@@ -293,24 +278,20 @@ class SlateQAgent:
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
 
+    def _snapshot_parts(self) -> checkpoint.AgentParts:
+        return checkpoint.AgentParts(
+            {"q": self.q, "q_target": self.q_target, "choice": self.choice}, {"opt": self.opt},
+            self.replay)
+
     def state_tensors(self) -> dict[str, np.ndarray]:
-        return {**nets.module_to_arrays("q", self.q),
-                **nets.module_to_arrays("q_target", self.q_target),
-                **nets.module_to_arrays("choice", self.choice),
-                **nets.optimizer_to_arrays("opt", self.opt),
-                "policy_rng": rng_to_array(self._policy.rng),
-                "counters": np.array([self.transitions_applied, self.updates, self._due]),
-                **{f"replay.{k}": v for k, v in self.replay.state_arrays(self.config.snapshot_replay).items()}}
+        return checkpoint.save_agent(
+            self._snapshot_parts(), (self.transitions_applied, self.updates, self._due),
+            self._policy.rng, self.config.snapshot_replay)
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        nets.module_from_arrays("q", self.q, tensors)
-        nets.module_from_arrays("q_target", self.q_target, tensors)
-        nets.module_from_arrays("choice", self.choice, tensors)
-        nets.optimizer_from_arrays("opt", self.opt, tensors)
-        self._policy.rng = rng_from_array(tensors["policy_rng"])
-        self.transitions_applied, self.updates, self._due = (int(x) for x in tensors["counters"])
-        self.replay.load_state_arrays({k[7:]: v for k, v in tensors.items()
-                                       if k.startswith("replay.")})
+        restored = checkpoint.load_agent(self._snapshot_parts(), tensors)
+        self.transitions_applied, self.updates, self._due = restored.counters
+        self._policy.rng = restored.policy_rng
 
 
 def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec) -> SlateQPolicy:
@@ -323,6 +304,4 @@ def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec)
     nets.module_from_arrays("q", q, tensors)
     nets.module_from_arrays("choice", choice, tensors)
     policy = SlateQPolicy(q, choice, config, spec, 0, version=int(manifest.get("version", 0)))
-    if "policy_rng" in tensors:
-        policy.rng = rng_from_array(tensors["policy_rng"])
-    return policy
+    return checkpoint.resume_policy_rng(policy, tensors)

@@ -52,15 +52,16 @@ from torch import nn
 
 from core.events import Transition
 from core.ports import Candidates, Observation, Slate
-from learner import nets
+from learner import checkpoint, nets
 from learner.batch import StateBatch, TransitionBatch, request_batch, to_batch
-from learner.maths import epsilon_slate, soft_update, td_target
-from learner.replay import ReplayBuffer, due_updates, rng_from_array, rng_to_array
+from learner.maths import soft_update, td_target
+from learner.policy import SeededPolicy
+from learner.replay import ReplayBuffer, ReplayConfig, learn_from_replay
 from learner.spec import WorldSpec, config_from_dict
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ReplayConfig):
     dim: int = 16
     """D, the dimension of item embeddings and proto-actions."""
     hidden: tuple[int, ...] = (64, 64)
@@ -81,17 +82,6 @@ class Config:
     """Soft target update rate τ."""
     manifold_coef: float = 0.1
     """λ, weight of the actor's pull towards its nearest item."""
-    batch_size: int = 64
-    """Transitions per update."""
-    replay_capacity: int = 50_000
-    """Transitions kept for (uniform) replay."""
-    update_every: int = 1
-    """One update per this many new transitions."""
-    learning_starts: int = 64
-    """No update before the replay holds this many transitions."""
-    snapshot_replay: bool = False
-    """Put the replay contents in snapshots, so a resumed learner continues exactly
-    (off by default: a full replay dwarfs the weights)."""
     epsilon: float = 0.1
     """Serving explores: with probability ε the whole slate is uniform (honest propensities)."""
     grad_clip: float = 10.0
@@ -178,16 +168,14 @@ class WolpertingerNet(nn.Module):
 # -------------------------------------------------------------------------------- policy
 
 
-class WolpertingerPolicy:
+class WolpertingerPolicy(SeededPolicy):
     """Actor → kNN (faiss over the catalogue, exact among a request's candidates) → critic
     re-rank → top K, with ε-uniform exploration while ``explore`` is on."""
 
     def __init__(self, net: WolpertingerNet, features_IF: torch.Tensor, config: Config,
                  spec: WorldSpec, seed: int, version: int = 0) -> None:
-        self.name, self.version = "wolpertinger", version
+        super().__init__("wolpertinger", version, seed, stream=11)
         self.net, self.features_IF, self.config, self.spec = net, features_IF, config, spec
-        self.explore = True
-        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 11]))
         self._index: tuple[tuple[int, ...], faiss.Index] | None = None
 
     def _catalogue_index(self) -> faiss.Index:
@@ -222,8 +210,7 @@ class WolpertingerPolicy:
             return q_fn(self.net.embed(ids_N[idx], feats_NF[idx]).unsqueeze(0))[0]
 
         top_K = near_k[torch.topk(q_of(near_k), k).indices].numpy()
-        eps = self.config.epsilon if self.explore else 0.0
-        idx_K, prop_K = epsilon_slate(top_K, len(ids_N), eps, self.rng)
+        idx_K, prop_K = self.epsilon_explore(top_K, len(ids_N), self.config.epsilon)
         idx_K = np.asarray(idx_K, np.int64)
         return Slate(items=ids_N.numpy()[idx_K].astype(np.int64),
                      scores=q_of(torch.from_numpy(idx_K)).numpy().astype(np.float64),
@@ -339,14 +326,13 @@ class WolpertingerAgent:
                 "manifold_dist": manifold_B.mean().item(), "updates": float(self.updates)}
 
     def learn_many(self, transitions: Sequence[Transition]) -> dict[str, float]:
-        self.replay.push(transitions)
         self.transitions_applied += len(transitions)
-        n, self._due = due_updates(self._due + len(transitions), len(self.replay), self.config.update_every,
-                                   self.config.learning_starts, self.config.replay_capacity)
-        metrics: dict[str, float] = {}
-        for _ in range(n):
-            metrics = self.update(to_batch(self.replay.sample(self.config.batch_size), self.spec))
+        metrics, self._due = learn_from_replay(self.replay, self.config, transitions, self._due,
+                                               self._update_on)
         return metrics
+
+    def _update_on(self, sample: list[Transition]) -> dict[str, float]:
+        return self.update(to_batch(sample, self.spec))
 
     def policy(self) -> WolpertingerPolicy:
         return self._policy
@@ -356,28 +342,22 @@ class WolpertingerAgent:
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
 
+    def _snapshot_parts(self) -> checkpoint.AgentParts:
+        return checkpoint.AgentParts({"net": self.net, "target": self.target},
+                                     {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt},
+                                     self.replay)
+
     def state_tensors(self) -> dict[str, np.ndarray]:
-        out = {**nets.module_to_arrays("net", self.net),
-               **nets.module_to_arrays("target", self.target),
-               **nets.optimizer_to_arrays("actor_opt", self.actor_opt),
-               **nets.optimizer_to_arrays("critic_opt", self.critic_opt),
-               "item_features": self.features_IF.numpy().copy(),
-               "policy_rng": rng_to_array(self._policy.rng),
-               "counters": np.array([self.transitions_applied, self.updates, self._due])}
-        out.update({f"replay.{k}": v for k, v in self.replay.state_arrays(
-            self.config.snapshot_replay).items()})
-        return out
+        return checkpoint.save_agent(
+            self._snapshot_parts(), (self.transitions_applied, self.updates, self._due),
+            self._policy.rng, self.config.snapshot_replay,
+            extra={"item_features": self.features_IF.numpy().copy()})
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        nets.module_from_arrays("net", self.net, tensors)
-        nets.module_from_arrays("target", self.target, tensors)
-        nets.optimizer_from_arrays("actor_opt", self.actor_opt, tensors)
-        nets.optimizer_from_arrays("critic_opt", self.critic_opt, tensors)
+        restored = checkpoint.load_agent(self._snapshot_parts(), tensors)
+        self.transitions_applied, self.updates, self._due = restored.counters
+        self._policy.rng = restored.policy_rng
         self.features_IF.copy_(torch.from_numpy(np.array(tensors["item_features"])))
-        self._policy.rng = rng_from_array(tensors["policy_rng"])
-        self.transitions_applied, self.updates, self._due = (int(x) for x in tensors["counters"])
-        self.replay.load_state_arrays({k[7:]: v for k, v in tensors.items()
-                                       if k.startswith("replay.")})
 
 
 def load_policy(tensors: dict[str, np.ndarray], manifest: dict,
@@ -389,6 +369,4 @@ def load_policy(tensors: dict[str, np.ndarray], manifest: dict,
     features_IF = torch.from_numpy(np.array(tensors["item_features"], np.float32))
     policy = WolpertingerPolicy(net, features_IF, config, spec, 0,
                                 version=int(manifest.get("version", 0)))
-    if "policy_rng" in tensors:
-        policy.rng = rng_from_array(tensors["policy_rng"])
-    return policy
+    return checkpoint.resume_policy_rng(policy, tensors)

@@ -77,3 +77,25 @@ def make_request(spec: WorldSpec = SPEC, seed: int = 0) -> tuple[Observation, Ca
     obs = Observation(user_id="u", user_obs=rng.normal(size=spec.user_obs_dim).astype(np.float32),
                       history=tuple(int(i) for i in ids[:2]))
     return obs, Candidates(ids=ids, features_NF=feats)
+
+
+def bandit_step(agent, policy, spec: WorldSpec, rng: np.random.Generator, t: int) -> None:
+    """One step of a one-step bandit: the user clicks item 0 whenever it is shown (reward 1).
+
+    The candidates are the whole catalogue in a fresh order, or none where the world offers
+    none; the agent learns from the transition at once.
+    """
+    ids = rng.permutation(spec.n_items).astype(np.int64) if spec.num_candidates else \
+        np.zeros(0, np.int64)
+    obs = [0.5, -0.5]
+    slate = policy.recommend(Observation("u", np.array(obs, np.float32)),
+                             Candidates(ids, np.zeros((len(ids), 0), np.float32)), spec.slate_size)
+    items = [int(i) for i in slate.items]
+    pos = items.index(0) if 0 in items else None
+    agent.learn_many([Transition(
+        transition_id=str(t), user_id="u", session_id=str(t), request_id=str(t),
+        state=UserView(observation=obs), slate=items,
+        propensities=[float(p) for p in slate.propensities], candidates=[int(i) for i in ids],
+        policy=policy.name, policy_version=0, chosen_item=None if pos is None else 0,
+        chosen_position=pos, reward=0.0 if pos is None else 1.0,
+        next_state=UserView(observation=obs), done=True, served_ts=0.0, outcome_ts=0.0)])

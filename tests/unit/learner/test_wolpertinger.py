@@ -13,7 +13,7 @@ from learner import registry
 from learner.algorithms import wolpertinger as W
 from learner.batch import request_batch, to_batch
 from learner.spec import WorldSpec
-from tests.unit.learner.synth import SPEC, make_request, make_transitions
+from tests.unit.learner.synth import SPEC, bandit_step, make_request, make_transitions
 
 torch.set_num_threads(1)
 
@@ -150,24 +150,6 @@ def test_skipped_items_earn_zero_and_the_click_its_reward():
             assert r_BK[b, k].item() == want
 
 
-def _bandit_step(agent, pol, spec, rng, t: int) -> None:
-    """One step of a 1-step bandit: the user clicks item 0 whenever shown (reward 1)."""
-    ids = rng.permutation(spec.n_items).astype(np.int64) if spec.num_candidates else \
-        np.zeros(0, np.int64)
-    obs = [0.5, -0.5]
-    slate = pol.recommend(Observation("u", np.array(obs, np.float32)),
-                          Candidates(ids, np.zeros((len(ids), 0), np.float32)), spec.slate_size)
-    items = [int(i) for i in slate.items]
-    pos = items.index(0) if 0 in items else None
-    agent.learn_many([Transition(
-        transition_id=str(t), user_id="u", session_id=str(t), request_id=str(t),
-        state=UserView(observation=obs), slate=items,
-        propensities=[float(p) for p in slate.propensities], candidates=[int(i) for i in ids],
-        policy="wolpertinger", policy_version=0, chosen_item=None if pos is None else 0,
-        chosen_position=pos, reward=0.0 if pos is None else 1.0,
-        next_state=UserView(observation=obs), done=True, served_ts=0.0, outcome_ts=0.0)])
-
-
 @pytest.mark.parametrize("num_candidates", [6, 0], ids=["candidates", "catalogue"])
 def test_learns_a_tiny_bandit(num_candidates):
     spec = WorldSpec(n_items=6, user_obs_dim=2, item_feature_dim=0, slate_size=2,
@@ -177,7 +159,7 @@ def test_learns_a_tiny_bandit(num_candidates):
                                 learning_starts=32, epsilon=0.2)
     pol, rng = agent.policy(), np.random.default_rng(0)
     for t in range(200):
-        _bandit_step(agent, pol, spec, rng, t)
+        bandit_step(agent, pol, spec, rng, t)
     pol.explore = False
     obs = Observation("u", np.array([0.5, -0.5], np.float32))
     for _ in range(5):
