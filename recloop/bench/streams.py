@@ -8,8 +8,9 @@ the clock starts), consumed twice:
   on ``rec.transitions`` to its last (every expected transition must arrive, exactly);
 - **raw**: an aiokafka consumer loop in this process folds the same records with the same
   ``BatchFolder`` (states kept in a dict), sends states and transitions to a second set of
-  output topics and commits after flushing, as faust does; timed from its first record to
-  its last flush.
+  output topics as the worker does (``streams.sender`` batches, transitions acknowledged
+  before their states) and commits after flushing, as faust does; timed from its first
+  record to its last flush.
 
 The ratio faust/raw is the price of faust's machinery. Both are also given per CPU-second
 of the process doing the work (the worker's, from ``/proc``; the loop's own): on a shared
@@ -48,6 +49,7 @@ from recloop.kafka.clients import (
 from streams.app import tune_gc
 from streams.batch import BatchFolder, RawRecord
 from streams.fold import FoldConfig
+from streams.sender import BatchSender
 from streams.synthetic import SyntheticConfig, causal_events, split_topics
 
 
@@ -161,7 +163,10 @@ async def _raw_loop(
         bootstrap_servers=settings.kafka_bootstrap, group_id=f"{settings.topic_prefix}raw",
         enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=cfg.batch_size,
     )  # fmt: skip
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", max_batch_size=512 * 1024
+    )
+    states_out, transitions_out = BatchSender(), BatchSender()
     folder = BatchFolder(topics.slates, topics.feedback, FoldConfig())
     states: dict[bytes, Any] = {}
     seen = transitions = 0
@@ -184,13 +189,14 @@ async def _raw_loop(
             if not first:
                 first, cpu_first = time.monotonic(), time.process_time()
             result = folder.fold(records, states.get)
+            # Sent as the worker sends them: whole batches, transitions acknowledged first.
+            for key, partition, t in result.transitions:
+                transitions_out.add(out_topics.transitions, partition, key, codec.encode(t))
             for key, (partition, raw, state) in result.states.items():
                 states[key] = state
-                await producer.send(out_topics.session_state, raw, key=key, partition=partition)
-            for key, partition, t in result.transitions:
-                await producer.send(
-                    out_topics.transitions, codec.encode(t), key=key, partition=partition
-                )
+                states_out.add(out_topics.session_state, partition, key, raw)
+            await asyncio.gather(*await transitions_out.send(producer))
+            await states_out.send(producer)
             seen += len(records)
             transitions += len(result.transitions)
             if time.monotonic() - last_commit > 2.8:  # faust's default commit interval

@@ -293,7 +293,7 @@ class ServeService:
             except Exception as exc:  # the loop must outlive any one bad snapshot
                 self._errors.append(f"install {name} v{published.version}: {exc!r}")
                 continue
-                self.stats.installs.append(result)
+            self.stats.installs.append(result)
             if result.status == "swapped":
                 _export_swap(published)
             if result.status == "refused":

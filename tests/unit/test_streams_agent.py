@@ -23,16 +23,27 @@ from streams.synthetic import SyntheticConfig, causal_events
 
 
 class RecordingSink:
+    """Records what is flushed; what was gathered but never flushed would never be sent."""
+
     def __init__(self) -> None:
         self.states: list[tuple[bytes, int, bytes]] = []
         self.transitions: list[tuple[bytes, int, Transition]] = []
         self.dead: list[tuple[RawRecord, str]] = []
+        self._gathered: list[tuple[str, bytes, int, bytes]] = []
 
     async def state(self, key: bytes, partition: int, value: bytes) -> None:
-        self.states.append((key, partition, value))
+        self._gathered.append(("state", key, partition, value))
 
     async def transition(self, key: bytes, partition: int, value: bytes) -> None:
-        self.transitions.append((key, partition, codec.decode(value, Transition)))
+        self._gathered.append(("transition", key, partition, value))
+
+    async def flush(self) -> None:
+        gathered, self._gathered = self._gathered, []
+        for kind, key, partition, value in gathered:
+            if kind == "state":
+                self.states.append((key, partition, value))
+            else:
+                self.transitions.append((key, partition, codec.decode(value, Transition)))
 
     async def dead_letter(self, record: RawRecord, error: str) -> None:
         self.dead.append((record, error))
