@@ -233,7 +233,11 @@ class Transition(Record, frozen=True, kw_only=True):
 
 
 class PolicyPublished(Record, frozen=True, kw_only=True):
-    """A learner published snapshot ``version`` of ``policy`` at ``path``."""
+    """A learner published snapshot ``version`` of ``policy`` at ``path``.
+
+    ``path`` is relative to the snapshot root that learner and servers share (each may mount
+    it in its own place), or absolute when the snapshot lies outside that root.
+    """
 
     policy: str
     algorithm: str

@@ -90,6 +90,24 @@ def snapshot_dir(root: Path, policy: str, version: int) -> Path:
     return Path(root) / policy / f"v{version:08d}"
 
 
+def announced_path(root: Path, path: Path) -> str:
+    """How a snapshot directory is named in its ``PolicyPublished``: relative to the snapshot
+    root, so a process that mounts the root elsewhere (another container) still finds it;
+    absolute when it lies outside the root."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def resolve_announced(root: Path | None, announced: str) -> Path:
+    """The directory an announced path names: absolute as given, relative under ``root``."""
+    path = Path(announced)
+    if path.is_absolute() or root is None:
+        return path
+    return Path(root) / path
+
+
 def write_snapshot(
     root: Path,
     policy: str,

@@ -14,7 +14,6 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 from rich.table import Table
@@ -23,7 +22,7 @@ from core import codec
 from core.codec import RecordDecodeError
 from core.events import EpisodeOutcome, PolicyPublished, SlateServed
 from core.settings import Settings
-from core.snapshot import SnapshotError, describe_snapshot
+from core.snapshot import SnapshotError, describe_snapshot, resolve_announced
 from recloop.kafka import lag as kafka_lag
 from storage.store import Outcome, Sample, Storage
 
@@ -150,7 +149,8 @@ class LoopMonitor:
             newest = None
             # A remote deployment may not share the snapshot directory: freshness is unknown.
             with contextlib.suppress(SnapshotError):
-                service = describe_snapshot(Path(record.path)).manifest.get("service", {})
+                where = resolve_announced(self.settings.resolved_snapshot_dir, record.path)
+                service = describe_snapshot(where).manifest.get("service", {})
                 newest = service.get("newest_event_ts")
             self.versions.setdefault(
                 (record.policy, record.version),

@@ -20,7 +20,7 @@ import numpy as np
 
 from core.events import PolicyPublished
 from core.ports import SlatePolicy
-from core.snapshot import SnapshotError, read_snapshot
+from core.snapshot import SnapshotError, read_snapshot, resolve_announced
 from serving.host import PolicyHost, StaleVersionError
 from serving.retrieval import CatalogueIndex
 
@@ -58,10 +58,7 @@ class SnapshotInstaller:
 
     def resolve(self, path: str) -> Path:
         """An announced path: absolute as given, relative ones under the snapshot root."""
-        p = Path(path)
-        if p.is_absolute() or self.snapshot_root is None:
-            return p
-        return self.snapshot_root / p
+        return resolve_announced(self.snapshot_root, path)
 
     def install(self, published: PolicyPublished) -> InstallResult:
         t0 = time.perf_counter()

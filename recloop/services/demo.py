@@ -181,6 +181,8 @@ def run_demo(
                     str(options.users),
                     "--duration",
                     str(options.duration_s),
+                    "--rate",
+                    str(options.rate),
                 ],
             )
         monitor = LoopMonitor(

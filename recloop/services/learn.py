@@ -36,7 +36,13 @@ from confluent_kafka import Consumer, TopicPartition
 from core import codec
 from core.events import PolicyPublished, Transition
 from core.settings import Settings
-from core.snapshot import SnapshotRef, latest_snapshot, read_snapshot, write_snapshot
+from core.snapshot import (
+    SnapshotRef,
+    announced_path,
+    latest_snapshot,
+    read_snapshot,
+    write_snapshot,
+)
 from learner import registry
 from learner.spec import WorldSpec
 from recloop import metrics
@@ -304,7 +310,7 @@ class LearnerService:
             policy=self.config.policy,
             algorithm=self.config.algo,
             version=version,
-            path=str(ref.path),
+            path=announced_path(self.snapshot_root, ref.path),
             weights_sha256=ref.weights_sha256,
             manifest_sha256=ref.manifest_sha256,
             created_ts=ref.created_ts,

@@ -295,7 +295,7 @@ class ServeService:
                 continue
             self.stats.installs.append(result)
             if result.status == "swapped":
-                _export_swap(published)
+                _export_swap(published, self.installer.resolve(published.path))
             if result.status == "refused":
                 log.warning("refused snapshot %s v%d: %s", name, published.version, result.reason)
 
@@ -369,12 +369,12 @@ def _export_slates(topic: str, slates: list[SlateServed]) -> None:
         metrics.SERVING_LATENCY.labels(slate.policy).observe(max(0.0, slate.ts - slate.request_ts))
 
 
-def _export_swap(published: PolicyPublished) -> None:
+def _export_swap(published: PolicyPublished, path: Path) -> None:
     """Prometheus: the serving version, its age, and how fresh it was when it went live."""
     metrics.SNAPSHOT_VERSION.labels("serve", published.policy).set(published.version)
     metrics.SNAPSHOT_CREATED.labels("serve", published.policy).set(published.created_ts)
     with contextlib.suppress(Exception):  # freshness is best effort: the manifest is local
-        service = describe_snapshot(Path(published.path)).manifest.get("service", {})
+        service = describe_snapshot(path).manifest.get("service", {})
         newest = float(service.get("newest_event_ts") or 0.0)
         if newest:
             metrics.MODEL_FRESHNESS.labels(published.policy).set(max(0.0, time.time() - newest))

@@ -27,11 +27,14 @@ def _records(settings: Settings, topic: str, value_type) -> list:
 
 
 def test_a_slate_is_served_by_a_version_that_learned_from_the_loop(
-    kafka_settings: Settings, tmp_path
+    kafka_settings: Settings, tmp_path, monkeypatch
 ) -> None:
+    # A relative output folder, as `make demo` uses (artifacts/demo): every process must find
+    # the snapshots the learner announces.
+    monkeypatch.chdir(tmp_path)
     options = DemoOptions(
         duration_s=100, algo="slateq", users=24, rate=60, snapshot_every=200,
-        snapshot_seconds=3.0, out_dir=tmp_path / "demo", window_s=5.0,
+        snapshot_seconds=3.0, out_dir=Path("demo"), window_s=5.0,
     )  # fmt: skip
     summary = run_demo(kafka_settings, options, Console(file=io.StringIO()))
     run = kafka_settings.model_copy(update={
@@ -39,9 +42,11 @@ def test_a_slate_is_served_by_a_version_that_learned_from_the_loop(
     })
     topics = run.topics
 
-    # Every stage of the loop carried records.
+    # Every stage of the loop carried records, and the simulator kept to the demo's rate
+    # (one second of burst allowed, and a margin for retried requests).
     for topic in (topics.requests, topics.slates, topics.feedback, topics.transitions):
         assert end_offsets(run, topic) > 0, topic
+    assert end_offsets(run, topics.requests) <= options.rate * (options.duration_s + 1) * 1.05
 
     # The learner published versions that learned from transitions, recorded and announced.
     ref = latest_snapshot(run.resolved_snapshot_dir, "slateq")

@@ -16,9 +16,11 @@ from core.snapshot import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     SnapshotError,
+    announced_path,
     describe_snapshot,
     latest_snapshot,
     read_snapshot,
+    resolve_announced,
     sha256_hex,
     write_snapshot,
 )
@@ -240,3 +242,25 @@ def test_round_trip_property(tensors, transpose):
         assert got[name].dtype == array.dtype and got[name].shape == array.shape
         # Bitwise equality, so NaNs and signed zeros count as round-tripped exactly.
         assert got[name].tobytes() == np.asarray(array, order="C").tobytes()
+
+
+def test_an_announced_path_is_found_under_a_root_mounted_elsewhere(tmp_path, monkeypatch) -> None:
+    """The learner names a snapshot relative to its root; a server with the same root mounted
+    at another place (another container), or given it as a relative path, finds it."""
+    monkeypatch.chdir(tmp_path)
+    learner_root = Path("artifacts/demo/run/snapshots")  # relative, as `recloop demo` makes it
+    ref = write_snapshot(learner_root, "slateq", 3, _tensors(), _manifest())
+    announced = announced_path(learner_root, ref.path)
+    assert announced == "slateq/v00000003"
+    server_root = tmp_path / "mounted-here"
+    learner_root.rename(server_root)
+    found = resolve_announced(server_root, announced)
+    tensors, manifest = read_snapshot(found, ref.weights_sha256, ref.manifest_sha256)
+    assert manifest["version"] == 3 and set(tensors) == set(_tensors())
+
+
+def test_a_snapshot_outside_the_root_is_announced_by_its_absolute_path(tmp_path) -> None:
+    ref = write_snapshot(tmp_path / "elsewhere", "mf", 1, _tensors(), _manifest())
+    announced = announced_path(tmp_path / "root", ref.path)
+    assert Path(announced).is_absolute()
+    assert resolve_announced(tmp_path / "root", announced) == ref.path.resolve()
