@@ -36,9 +36,17 @@ _COMMAND_MODULES = [
 ]
 
 
+_registered = False
+
+
 def _register() -> None:
+    """Add every module's commands (once: tests and ``main`` may both ask)."""
+    global _registered
+    if _registered:
+        return
     for module in _COMMAND_MODULES:
         importlib.import_module(module).register(app, bench)
+    _registered = True
 
 
 def main() -> None:

@@ -178,7 +178,7 @@ def demo(
         _roundtrip(console, settings, host, port)
         return
     from learner import registry
-    from recloop.services.demo import DemoOptions, run_demo
+    from recloop.services.demo import DemoError, DemoOptions, run_demo
 
     if algo not in registry.names():
         raise typer.BadParameter(
@@ -188,7 +188,11 @@ def demo(
         duration_s=duration, algo=algo, users=users, rate=rate, learned_share=learned_share, out_dir=out,
         external=external,
     )  # fmt: skip
-    summary = run_demo(settings, options, console)
+    try:
+        summary = run_demo(settings, options, console)
+    except DemoError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     console.print_json(data=summary)
     console.print(f"[green]report:[/] {summary['report']}")
 

@@ -109,10 +109,16 @@ def run_demo(
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     broker = None
     if not options.external:
+        # A run is a deployment of its own: its topics, its snapshots (versions from 1) and,
+        # unless DATABASE_URL names one, its own database; a shared one would already hold
+        # another run's versions.
+        _refuse_database_with_snapshots(settings, options.algo)
         settings = settings.model_copy(
             update={
                 "topic_prefix": f"{settings.topic_prefix}demo-{run_id}.",
                 "snapshot_dir": out_dir / "snapshots",
+                "database_url": settings.database_url
+                or f"sqlite:///{(out_dir / 'recloop.db').resolve()}",
             }
         )
         host, port = _bootstrap_port(settings.kafka_bootstrap)
@@ -128,6 +134,7 @@ def run_demo(
         "RECLOOP_HOME": str(settings.home),
         "RECLOOP_PARTITIONS": str(settings.partitions),
         "RECLOOP_SNAPSHOT_DIR": str(settings.resolved_snapshot_dir),
+        "RECLOOP_DATABASE_URL": settings.resolved_database_url,
     }
     children = ChildProcesses(out_dir / "logs", env)
     storage = Storage.from_settings(settings)
@@ -212,9 +219,29 @@ def run_demo(
         "run_id": run_id,
         "topic_prefix": settings.topic_prefix,
         "snapshot_dir": str(settings.resolved_snapshot_dir),
+        "database_url": settings.resolved_database_url,
         "report": str(page),
         "overall": [s.__dict__ for s in summarise(outcomes)],
         "learned_versions_only": [s.__dict__ for s in summarise(outcomes, learned_only=True)],
     }
     storage.close()
     return summary
+
+
+def _refuse_database_with_snapshots(settings: Settings, policy: str) -> None:
+    """A demo run numbers its snapshots from 1, so a given database must not hold any yet."""
+    if not settings.database_url:
+        return
+    with Storage.from_settings(settings) as storage:
+        latest = storage.latest_snapshot(policy)
+    if latest is not None:
+        raise DemoError(
+            f"DATABASE_URL already records {policy} snapshots (up to v{latest['version']}) "
+            "from another deployment, and a demo run numbers its own from v1. Point "
+            "DATABASE_URL at an empty database, or unset it: each run then keeps a SQLite "
+            "database in its own folder."
+        )
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run as asked; the message says what to change."""

@@ -39,7 +39,11 @@ def test_a_slate_is_served_by_a_version_that_learned_from_the_loop(
     summary = run_demo(kafka_settings, options, Console(file=io.StringIO()))
     run = kafka_settings.model_copy(update={
         "topic_prefix": summary["topic_prefix"], "snapshot_dir": Path(summary["snapshot_dir"]),
+        "database_url": summary["database_url"],
     })
+    # The run kept its own database in its folder (not the one under home), so a second run
+    # can number its snapshots from v1 again.
+    assert summary["database_url"].endswith(f"/demo/{summary['run_id']}/recloop.db")
     topics = run.topics
 
     # Every stage of the loop carried records, and the simulator kept to the demo's rate

@@ -187,3 +187,27 @@ def test_kafka_ui_points_at_the_compose_broker():
     env = _services()["kafka-ui"]["environment"]
     assert env["KAFKA_CLUSTERS_0_BOOTSTRAPSERVERS"] == "kafka:9092"
     assert "kafbat/kafka-ui" in _services()["kafka-ui"]["image"]
+
+
+def test_every_recloop_service_command_is_one_the_cli_accepts():
+    """Each service's command parses as the CLI would parse it (options, types, ranges),
+    without running it: a renamed or mistyped option fails here, not in a container."""
+    import typer
+
+    from recloop.cli import _register, app
+
+    _register()
+    root = typer.main.get_command(app)
+    parsed = {}
+    for name, svc in _recloop_services().items():
+        args = [str(a) for a in svc["command"]]
+        ctx = root.make_context("recloop", list(args))
+        command, rest = root, args
+        while hasattr(command, "get_command"):  # a group: go down to the named command
+            sub_name, rest = rest[0], rest[1:]
+            command = command.get_command(ctx, sub_name)
+            assert command is not None, f"{name}: recloop has no command {sub_name!r}"
+            ctx = command.make_context(sub_name, list(rest), parent=ctx)
+        parsed[name] = ctx.params
+    assert parsed["sim"]["rate"] > 0  # unthrottled, the simulator outruns the learner
+    assert set(parsed) >= {"topics", "sim", "streams", "learner", "serve", "demo"}
