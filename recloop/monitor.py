@@ -10,6 +10,7 @@ cannot decode is counted and skipped; the owning consumers dead-letter it.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class ArmWindow:
 
     episodes: int = 0
     return_sum: float = 0.0
+    return_sq_sum: float = 0.0
     steps: int = 0
     clicks: int = 0
     quality_sum: float = 0.0
@@ -44,9 +46,28 @@ class ArmWindow:
     def add(self, outcome: EpisodeOutcome) -> None:
         self.episodes += 1
         self.return_sum += outcome.total_return
+        self.return_sq_sum += outcome.total_return**2
         self.steps += outcome.steps
         self.clicks += outcome.clicks
         self.quality_sum += outcome.clicked_quality_sum
+
+    @property
+    def mean_return(self) -> float:
+        return self.return_sum / self.episodes
+
+    @property
+    def return_sd(self) -> float:
+        """Sample standard deviation of the episodes' returns (0 for a single episode)."""
+        if self.episodes < 2:
+            return 0.0
+        spread = self.return_sq_sum - self.episodes * self.mean_return**2
+        return math.sqrt(max(0.0, spread) / (self.episodes - 1))
+
+    def return_ci95(self) -> str:
+        """``± half-width`` of the mean return's 95% interval, empty below two episodes."""
+        if self.episodes < 2:
+            return ""
+        return f" ± {1.96 * self.return_sd / math.sqrt(self.episodes):.1f}"
 
 
 @dataclass
@@ -188,10 +209,11 @@ class LoopMonitor:
                 window_start=_dt(self.window_start),
                 window_end=_dt(now),
                 episodes=w.episodes,
-                mean_return=w.return_sum / w.episodes,
+                mean_return=w.mean_return,
                 ctr=w.clicks / max(1, w.steps),
                 clicked_quality=w.quality_sum / max(1, w.clicks),
                 served_slates=w.steps,
+                return_sd=w.return_sd,
             )
             for (policy, version), w in self.window.items()
             if w.episodes
@@ -249,7 +271,7 @@ class LoopMonitor:
                 policy,
                 f"v{low}" if low == high else f"v{low}-v{high}",
                 str(w.episodes),
-                f"{w.return_sum / w.episodes:.1f}",
+                f"{w.mean_return:.1f}{w.return_ci95()}",
                 f"{w.clicks / max(1, w.steps):.3f}",
                 f"{w.quality_sum / max(1, w.clicks):.2f}",
             )
@@ -283,6 +305,7 @@ def _by_stage(totals: dict[str, ArmWindow]) -> dict[tuple[str, bool], tuple[ArmW
         acc, low, high = out.get(stage, (ArmWindow(), version, version))
         acc.episodes += w.episodes
         acc.return_sum += w.return_sum
+        acc.return_sq_sum += w.return_sq_sum
         acc.steps += w.steps
         acc.clicks += w.clicks
         acc.quality_sum += w.quality_sum

@@ -32,6 +32,9 @@ class ArmSummary:
     ctr: float
     clicked_quality: float
     versions: int
+    return_ci95: float | None = None
+    """Half-width of the mean return's 95% confidence interval (normal approximation over
+    the arm's sessions); None when a window recorded no spread or there are < 2 sessions."""
 
 
 def summarise(outcomes: list[Outcome], learned_only: bool = False) -> list[ArmSummary]:
@@ -60,9 +63,24 @@ def summarise(outcomes: list[Outcome], learned_only: bool = False) -> list[ArmSu
                 clicked_quality=sum(o.clicked_quality * o.ctr * o.served_slates for o in rows)
                 / max(1e-9, clicks),
                 versions=len({o.version for o in rows}),
+                return_ci95=_return_ci95(rows),
             )
         )
     return out
+
+
+def _return_ci95(rows: list[Outcome]) -> float | None:
+    """The pooled windows' 95% half-width: the sum of squares within each window plus each
+    window's deviation from the pooled mean gives the variance over all sessions."""
+    n = sum(o.episodes for o in rows)
+    if n < 2 or any(o.return_sd is None for o in rows):
+        return None
+    mean = sum(o.mean_return * o.episodes for o in rows) / n
+    squares = sum(
+        (o.episodes - 1) * (o.return_sd or 0.0) ** 2 + o.episodes * (o.mean_return - mean) ** 2
+        for o in rows
+    )
+    return 1.96 * math.sqrt(squares / (n - 1) / n)
 
 
 def _curve(outcomes: list[Outcome], attr: str) -> dict[str, tuple[list[float], list[float]]]:
@@ -214,8 +232,12 @@ def _rows(summary: list[ArmSummary]) -> str:
     def fmt(x: float) -> str:
         return "-" if math.isnan(x) else f"{x:.3f}"
 
+    def ci(s: ArmSummary) -> str:
+        return "" if s.return_ci95 is None else f" ± {s.return_ci95:.2f}"
+
     return "".join(
-        f"<tr><td>{html.escape(s.policy)}</td><td>{s.episodes}</td><td>{s.mean_return:.2f}</td>"
+        f"<tr><td>{html.escape(s.policy)}</td><td>{s.episodes}</td>"
+        f"<td>{s.mean_return:.2f}{ci(s)}</td>"
         f"<td>{fmt(s.ctr)}</td><td>{fmt(s.clicked_quality)}</td><td>{s.versions}</td></tr>"
         for s in summary
     )
@@ -223,7 +245,7 @@ def _rows(summary: list[ArmSummary]) -> str:
 
 def _html(run_id: str, run: dict, overall, learned, pngs: list[Path]) -> str:
     head = (
-        "<tr><th>policy</th><th>episodes</th><th>mean return</th><th>CTR</th>"
+        "<tr><th>policy</th><th>episodes</th><th>mean return (± 95% CI)</th><th>CTR</th>"
         "<th>clicked quality</th><th>versions</th></tr>"
     )
     return f"""<!doctype html>

@@ -92,6 +92,7 @@ class OutcomeRow(Base):
     ctr: Mapped[float] = mapped_column(Float)
     clicked_quality: Mapped[float] = mapped_column(Float)
     served_slates: Mapped[int] = mapped_column(BigInteger)
+    return_sd: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class SampleRow(Base):

@@ -49,6 +49,7 @@ class Outcome:
     ctr: float  # clicks per served slate
     clicked_quality: float  # mean quality of clicked items
     served_slates: int
+    return_sd: float | None = None  # sample SD of those episodes' returns (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,7 @@ def _outcome_row(run_id: str, o: Outcome) -> OutcomeRow:
         ctr=_finite(o.ctr, "ctr"),
         clicked_quality=_finite(o.clicked_quality, "clicked_quality"),
         served_slates=int(o.served_slates),
+        return_sd=None if o.return_sd is None else _finite(o.return_sd, "return_sd"),
     )
 
 
@@ -337,6 +339,7 @@ def _outcome(row: OutcomeRow) -> Outcome:
         ctr=row.ctr,
         clicked_quality=row.clicked_quality,
         served_slates=row.served_slates,
+        return_sd=row.return_sd,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import numpy as np
@@ -270,6 +271,7 @@ def _outcome(policy: str, version: int, minute: int, mean_return: float) -> Outc
         ctr=0.25,
         clicked_quality=0.5,
         served_slates=100,
+        return_sd=1.5 + version,
     )
 
 
@@ -294,6 +296,9 @@ def test_outcome_series_in_time_order(store):
     ]
     assert series[3] == given[0]  # every field round-trips, timestamps as aware UTC
     assert [o.mean_return for o in store.outcome_series(run_id, policy="slateq")] == [3.5, 5.0]
+    # A window recorded without its spread (as before migration 0002) reads back as unknown.
+    store.record_outcomes(other, [replace(_outcome("y", 1, 0, 1.0), return_sd=None)])
+    assert [o.return_sd for o in store.outcome_series(other, policy="y")] == [None]
 
 
 def test_outcomes_refuse_unknown_runs_and_non_finite_values(store):
