@@ -77,7 +77,12 @@ def load_policy(name: str, tensors: dict[str, np.ndarray], manifest: dict, spec:
 
 
 def _agent_class(mod: ModuleType) -> str:
-    agents = [n for n in dir(mod) if n.endswith("Agent") and not n.startswith("_")]
+    # Defined in the module itself: an imported base class (learner.agent) does not count.
+    agents = [
+        n for n in dir(mod)
+        if n.endswith("Agent") and not n.startswith("_")
+        and getattr(getattr(mod, n), "__module__", None) == mod.__name__
+    ]  # fmt: skip
     if len(agents) != 1:
         raise TypeError(f"{mod.__name__} must define exactly one *Agent class, found {agents}")
     return agents[0]

@@ -46,8 +46,6 @@ Deviations, each deliberate:
 from __future__ import annotations
 
 import copy
-import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,10 +56,11 @@ from torch import nn
 from core.events import Transition
 from core.ports import Candidates, Observation, Slate
 from learner import checkpoint, nets
+from learner.agent import ReplayAgent
 from learner.batch import StateBatch, TransitionBatch, request_batch, to_batch
 from learner.maths import soft_update, td_target
 from learner.policy import SeededPolicy
-from learner.replay import PrioritisedReplay, ReplayConfig, learn_from_replay
+from learner.replay import PrioritisedReplay, ReplayConfig
 from learner.spec import WorldSpec, config_from_dict
 
 STATE_REPS = ("ave", "p", "u")
@@ -227,7 +226,7 @@ class DRRPolicy(SeededPolicy):
 # --------------------------------------------------------------------------------- agent
 
 
-class DRRAgent:
+class DRRAgent(ReplayAgent):
     """DDPG with target networks and proportional prioritised replay."""
 
     def __init__(self, config: Config, spec: WorldSpec, seed: int) -> None:
@@ -299,12 +298,6 @@ class DRRAgent:
                    "td_abs": td_abs_B.mean().item(), "updates": float(self.updates)}
         return metrics, td_abs_B
 
-    def learn_many(self, transitions: Sequence[Transition]) -> dict[str, float]:
-        self.transitions_applied += len(transitions)
-        metrics, self._due = learn_from_replay(self.replay, self.config, transitions, self._due,
-                                               self._update_on)
-        return metrics
-
     def _update_on(self, sample: tuple[list[Transition], np.ndarray, np.ndarray]
                    ) -> dict[str, float]:
         """One weighted update on a prioritised sample, then its slots' new priorities."""
@@ -313,27 +306,15 @@ class DRRAgent:
         self.replay.update_priorities(slots, td_abs_B.numpy())
         return metrics
 
-    def policy(self) -> DRRPolicy:
-        return self._policy
-
-    def config_dict(self) -> dict:
-        return dataclasses.asdict(self.config)
-
     def _snapshot_parts(self) -> checkpoint.AgentParts:
         return checkpoint.AgentParts({"net": self.net, "target": self.target},
                                      {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt},
                                      self.replay)
 
-    def state_tensors(self) -> dict[str, np.ndarray]:
-        return checkpoint.save_agent(
-            self._snapshot_parts(), (self.transitions_applied, self.updates, self._due),
-            self._policy.rng, self.config.snapshot_replay,
-            extra={"item_features": self.features_IF.numpy().copy()})
+    def _snapshot_extra(self) -> dict[str, np.ndarray]:
+        return {"item_features": self.features_IF.numpy().copy()}
 
-    def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        restored = checkpoint.load_agent(self._snapshot_parts(), tensors)
-        self.transitions_applied, self.updates, self._due = restored.counters
-        self._policy.rng = restored.policy_rng
+    def _load_extra(self, tensors: dict[str, np.ndarray]) -> None:
         self.features_IF.copy_(torch.from_numpy(np.array(tensors["item_features"])))
 
 

@@ -23,8 +23,6 @@ code serves id-only and feature-only worlds; ``item_embeddings`` exposes the id 
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.events import Transition
 from core.ports import Candidates, Observation, Slate
 from learner import checkpoint, nets
-from learner.batch import TransitionBatch, request_batch, to_batch, whole_catalogue
+from learner.agent import ReplayAgent
+from learner.batch import TransitionBatch, request_batch, whole_catalogue
 from learner.policy import SeededPolicy
-from learner.replay import ReplayBuffer, ReplayConfig, learn_from_replay
+from learner.replay import ReplayBuffer, ReplayConfig
 from learner.spec import WorldSpec, config_from_dict
 
 
@@ -130,7 +128,7 @@ class MFPolicy(SeededPolicy):
         return self.net.item.ids.weight_ID.detach().numpy().copy()
 
 
-class MFAgent:
+class MFAgent(ReplayAgent):
     """Online BPR: pushes transitions into replay and updates every ``update_every``."""
 
     def __init__(self, config: Config, spec: WorldSpec, seed: int) -> None:
@@ -159,33 +157,9 @@ class MFAgent:
         return {"bpr_loss": float(loss.item()), "pair_accuracy": accuracy,
                 "pairs": float(win.numel()), "updates": float(self.updates)}
 
-    def learn_many(self, transitions: Sequence[Transition]) -> dict[str, float]:
-        self.transitions_applied += len(transitions)
-        metrics, self._due = learn_from_replay(self.replay, self.config, transitions, self._due,
-                                               self._update_on)
-        return metrics
-
-    def _update_on(self, sample: list[Transition]) -> dict[str, float]:
-        return self.update(to_batch(sample, self.spec))
-
-    def policy(self) -> MFPolicy:
-        return self._policy
-
-    def config_dict(self) -> dict:
-        return dataclasses.asdict(self.config)
-
     def _snapshot_parts(self) -> checkpoint.AgentParts:
         return checkpoint.AgentParts({"net": self.net}, {"opt": self.opt}, self.replay)
 
-    def state_tensors(self) -> dict[str, np.ndarray]:
-        return checkpoint.save_agent(
-            self._snapshot_parts(), (self.transitions_applied, self.updates, self._due),
-            self._policy.rng, self.config.snapshot_replay)
-
-    def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        restored = checkpoint.load_agent(self._snapshot_parts(), tensors)
-        self.transitions_applied, self.updates, self._due = restored.counters
-        self._policy.rng = restored.policy_rng
 
 
 def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec) -> MFPolicy:

@@ -29,7 +29,6 @@ Gradient (paper eq. 6 with §4.3's capping), for logged (s_t, a_t) with return R
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +39,7 @@ from torch import nn
 from core.events import Transition
 from core.ports import Candidates, Observation, Slate
 from learner import checkpoint, nets
+from learner.agent import ReplayAgent
 from learner.batch import TransitionBatch, request_batch, to_batch, whole_catalogue
 from learner.maths import (
     capped_importance_weight,
@@ -54,7 +54,6 @@ from learner.replay import (
     ReplayConfig,
     items_from_arrays,
     items_to_arrays,
-    learn_from_replay,
 )
 from learner.spec import WorldSpec, config_from_dict
 
@@ -163,7 +162,7 @@ class ReinforcePolicy(SeededPolicy):
         return self.net.item.ids.weight_ID.detach().numpy().copy()
 
 
-class ReinforceAgent:
+class ReinforceAgent(ReplayAgent):
     """Holds each session until it ends, computes returns, replays, updates."""
 
     def __init__(self, config: Config, spec: WorldSpec, seed: int) -> None:
@@ -234,20 +233,17 @@ class ReinforceAgent:
                 "mean_pi": float((pi_B * use_B).sum() / n_used),
                 "rewarded": float(use_B.sum()), "updates": float(self.updates)}
 
-    def learn_many(self, transitions: Sequence[Transition]) -> dict[str, float]:
-        c = self.config
+    def _entering(self, transitions: Sequence[Transition]) -> list[tuple[Transition, float]]:
+        """Finished sessions' transitions with their returns: REINFORCE learns from those."""
         finished: list[tuple[Transition, float]] = []
         for t in transitions:
             key = (t.user_id, t.session_id)
             self._sessions.setdefault(key, []).append(t)
             if t.done:
                 finished += self._with_returns(self._sessions.pop(key))
-        while len(self._sessions) > c.max_open_sessions:
+        while len(self._sessions) > self.config.max_open_sessions:
             finished += self._with_returns(self._sessions.pop(next(iter(self._sessions))))
-        self.transitions_applied += len(transitions)
-        metrics, self._due = learn_from_replay(self.replay, c, finished, self._due,
-                                               self._update_on)
-        return metrics
+        return finished
 
     def _update_on(self, sample: list[tuple[Transition, float]]) -> dict[str, float]:
         batch = to_batch([t for t, _ in sample], self.spec)
@@ -258,20 +254,11 @@ class ReinforceAgent:
                                  np.array([e.done for e in episode]), self.config.gamma)
         return list(zip(episode, R_T.tolist(), strict=True))
 
-    def policy(self) -> ReinforcePolicy:
-        return self._policy
-
-    def config_dict(self) -> dict:
-        return dataclasses.asdict(self.config)
-
     def _snapshot_parts(self) -> checkpoint.AgentParts:
         return checkpoint.AgentParts({"net": self.net}, {"opt": self.opt}, self.replay)
 
-    def state_tensors(self) -> dict[str, np.ndarray]:
-        return checkpoint.save_agent(
-            self._snapshot_parts(), (self.transitions_applied, self.updates, self._due),
-            self._policy.rng, self.config.snapshot_replay,
-            extra={"gen": nets.generator_to_array(self.gen), **self._sessions_arrays()})
+    def _snapshot_extra(self) -> dict[str, np.ndarray]:
+        return {"gen": nets.generator_to_array(self.gen), **self._sessions_arrays()}
 
     def _sessions_arrays(self) -> dict[str, np.ndarray]:
         """Sessions still waiting for their end (only with ``snapshot_replay``)."""
@@ -280,10 +267,7 @@ class ReinforceAgent:
         held = [t for episode in self._sessions.values() for t in episode]
         return checkpoint.with_prefix(SESSIONS, items_to_arrays(held))
 
-    def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        restored = checkpoint.load_agent(self._snapshot_parts(), tensors)
-        self.transitions_applied, self.updates, self._due = restored.counters
-        self._policy.rng = restored.policy_rng
+    def _load_extra(self, tensors: dict[str, np.ndarray]) -> None:
         nets.generator_from_array(self.gen, tensors["gen"])
         if f"{SESSIONS}.items_blob" in tensors:
             self._sessions = {}

@@ -41,8 +41,6 @@ in ``learner.maths``. Serving explores ε-uniformly with honest propensities.
 from __future__ import annotations
 
 import copy
-import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,10 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.events import Transition
 from core.ports import Candidates, Observation, Slate
 from learner import checkpoint, nets
-from learner.batch import TransitionBatch, request_batch, to_batch, whole_catalogue
+from learner.agent import ReplayAgent
+from learner.batch import TransitionBatch, request_batch, whole_catalogue
 from learner.maths import (
     select_slate_exact,
     select_slate_greedy,
@@ -63,7 +61,7 @@ from learner.maths import (
     td_target,
 )
 from learner.policy import SeededPolicy
-from learner.replay import ReplayBuffer, ReplayConfig, learn_from_replay
+from learner.replay import ReplayBuffer, ReplayConfig
 from learner.spec import WorldSpec, config_from_dict
 
 
@@ -197,7 +195,7 @@ class SlateQPolicy(SeededPolicy):
         return None if self.q.ids is None else self.q.ids.weight_ID.detach().numpy().copy()
 
 
-class SlateQAgent:
+class SlateQAgent(ReplayAgent):
     """SARSA-TS (γ > 0) or MYOP-TS (γ = 0) with a soft-updated target Q̄'."""
 
     def __init__(self, config: Config, spec: WorldSpec, seed: int) -> None:
@@ -263,35 +261,11 @@ class SlateQAgent:
                 "mean_target": float((y_B * use_B).sum() / n),
                 "td_rows": float(use_B.sum()), "updates": float(self.updates)}
 
-    def learn_many(self, transitions: Sequence[Transition]) -> dict[str, float]:
-        self.transitions_applied += len(transitions)
-        metrics, self._due = learn_from_replay(self.replay, self.config, transitions, self._due,
-                                               self._update_on)
-        return metrics
-
-    def _update_on(self, sample: list[Transition]) -> dict[str, float]:
-        return self.update(to_batch(sample, self.spec))
-
-    def policy(self) -> SlateQPolicy:
-        return self._policy
-
-    def config_dict(self) -> dict:
-        return dataclasses.asdict(self.config)
-
     def _snapshot_parts(self) -> checkpoint.AgentParts:
         return checkpoint.AgentParts(
             {"q": self.q, "q_target": self.q_target, "choice": self.choice}, {"opt": self.opt},
             self.replay)
 
-    def state_tensors(self) -> dict[str, np.ndarray]:
-        return checkpoint.save_agent(
-            self._snapshot_parts(), (self.transitions_applied, self.updates, self._due),
-            self._policy.rng, self.config.snapshot_replay)
-
-    def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        restored = checkpoint.load_agent(self._snapshot_parts(), tensors)
-        self.transitions_applied, self.updates, self._due = restored.counters
-        self._policy.rng = restored.policy_rng
 
 
 def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec) -> SlateQPolicy:

@@ -40,8 +40,7 @@ Choices and deviations (each deliberate):
 from __future__ import annotations
 
 import copy
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import faiss
@@ -50,13 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.events import Transition
 from core.ports import Candidates, Observation, Slate
 from learner import checkpoint, nets
-from learner.batch import StateBatch, TransitionBatch, request_batch, to_batch
+from learner.agent import ReplayAgent
+from learner.batch import StateBatch, TransitionBatch, request_batch
 from learner.maths import soft_update, td_target
 from learner.policy import SeededPolicy
-from learner.replay import ReplayBuffer, ReplayConfig, learn_from_replay
+from learner.replay import ReplayBuffer, ReplayConfig
 from learner.spec import WorldSpec, config_from_dict
 
 
@@ -225,7 +224,7 @@ class WolpertingerPolicy(SeededPolicy):
 # --------------------------------------------------------------------------------- agent
 
 
-class WolpertingerAgent:
+class WolpertingerAgent(ReplayAgent):
     """DDPG on the full Wolpertinger policy, from a uniform replay of transitions."""
 
     def __init__(self, config: Config, spec: WorldSpec, seed: int) -> None:
@@ -325,38 +324,17 @@ class WolpertingerAgent:
                 "target_mean": ((y_BK * shown_BK).sum() / n_shown).item(),
                 "manifold_dist": manifold_B.mean().item(), "updates": float(self.updates)}
 
-    def learn_many(self, transitions: Sequence[Transition]) -> dict[str, float]:
-        self.transitions_applied += len(transitions)
-        metrics, self._due = learn_from_replay(self.replay, self.config, transitions, self._due,
-                                               self._update_on)
-        return metrics
-
-    def _update_on(self, sample: list[Transition]) -> dict[str, float]:
-        return self.update(to_batch(sample, self.spec))
-
-    def policy(self) -> WolpertingerPolicy:
-        return self._policy
-
     # ---- snapshots
-
-    def config_dict(self) -> dict:
-        return dataclasses.asdict(self.config)
 
     def _snapshot_parts(self) -> checkpoint.AgentParts:
         return checkpoint.AgentParts({"net": self.net, "target": self.target},
                                      {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt},
                                      self.replay)
 
-    def state_tensors(self) -> dict[str, np.ndarray]:
-        return checkpoint.save_agent(
-            self._snapshot_parts(), (self.transitions_applied, self.updates, self._due),
-            self._policy.rng, self.config.snapshot_replay,
-            extra={"item_features": self.features_IF.numpy().copy()})
+    def _snapshot_extra(self) -> dict[str, np.ndarray]:
+        return {"item_features": self.features_IF.numpy().copy()}
 
-    def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        restored = checkpoint.load_agent(self._snapshot_parts(), tensors)
-        self.transitions_applied, self.updates, self._due = restored.counters
-        self._policy.rng = restored.policy_rng
+    def _load_extra(self, tensors: dict[str, np.ndarray]) -> None:
         self.features_IF.copy_(torch.from_numpy(np.array(tensors["item_features"])))
 
 
