@@ -58,7 +58,7 @@ from core.topics import DLQ_SUFFIX
 from streams.batch import BatchFolder, BatchResult, RawRecord, as_state, decode_state
 from streams.consumer import install
 from streams.fold import FoldConfig, FoldState, expire
-from streams.sender import BatchSender
+from streams.sender import BatchSender, send_transitions_then_states
 
 CONSUMER_NAME = "streams"
 TABLE_NAME = "sessions"
@@ -107,10 +107,8 @@ class Sink(Protocol):
 class KafkaSink:
     """Sends through faust's producer, a whole record batch per topic-partition at a time.
 
-    ``flush`` waits until the broker has acknowledged the batch's transitions before it sends
-    the states that count them as sent: a state on the broker without its transitions would,
-    after a crash, make the replayed records duplicates and lose those transitions for good.
-    faust flushes the producer before it commits offsets, so no offset is committed before
+    ``flush`` sends the transitions, acknowledged, before the states that count them as sent
+    (``streams.sender.send_transitions_then_states``). faust flushes the producer before it commits offsets, so no offset is committed before
     its states are on the broker either. A failed state delivery is kept and raised by
     ``check``; a failed transition delivery raises from ``flush``.
     """
@@ -145,10 +143,10 @@ class KafkaSink:
         self._transitions.add(self._transitions_topic, partition, key, value)
 
     async def flush(self) -> None:
-        producer = self._producer()
-        if len(self._transitions):
-            await asyncio.gather(*await self._transitions.send(producer))
-        for delivery in await self._states.send(producer):
+        deliveries = await send_transitions_then_states(
+            self._producer(), self._transitions, self._states
+        )
+        for delivery in deliveries:
             delivery.add_done_callback(self._on_delivery)
 
     async def dead_letter(self, record: RawRecord, error: str) -> None:

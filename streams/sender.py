@@ -50,3 +50,18 @@ class BatchSender:
             if batch.record_count():
                 deliveries.append(await producer.send_batch(batch, topic, partition=partition))
         return deliveries
+
+
+async def send_transitions_then_states(
+    producer: Any, transitions: BatchSender, states: BatchSender
+) -> list[asyncio.Future]:
+    """Send a folded batch's results in the order recovery needs; return the states' futures.
+
+    The transitions must be on the broker before the states that count them as sent: a state
+    there without its transitions would, after a crash, make the replayed records duplicates
+    and lose those transitions for good. So this waits for the transitions' acknowledgements
+    (raising if one failed) before it hands over the states.
+    """
+    if len(transitions):
+        await asyncio.gather(*await transitions.send(producer))
+    return await states.send(producer)

@@ -67,36 +67,36 @@ def user_events(cfg: SyntheticConfig, rng: random.Random, user: int) -> list[Rec
                 )  # fmt: skip
             )
             clicked = rng.randrange(cfg.k) if rng.random() < cfg.click_prob else None
+            reward = round(rng.uniform(0.5, 5.0), 3) if clicked is not None else 0.0
             ts += 1.0
-            out.extend(
-                Impression(
-                    event_id=f"{rid}-i{p}",
-                    user_id=uid,
-                    session_id=sid,
-                    request_id=rid,
-                    item=item,
-                    position=p,
-                    slate_size=cfg.k,
-                    clicked=p == clicked,
-                    ts=ts,
-                )  # fmt: skip
-                for p, item in enumerate(items)
-            )
-            if clicked is not None:
-                out.append(
-                    Click(
-                        event_id=f"{rid}-c",
-                        user_id=uid,
-                        session_id=sid,
-                        request_id=rid,
-                        item=items[clicked],
-                        position=clicked,
-                        reward=round(rng.uniform(0.5, 5.0), 3),
-                        ts=ts,
-                    )  # fmt: skip
-                )
+            out += slate_feedback(uid, sid, rid, items, clicked, reward, ts)
         out.append(
             SessionEnd(event_id=f"{sid}-end", user_id=uid, session_id=sid, steps=cfg.steps, ts=ts)
+        )
+    return out
+
+
+def slate_feedback(
+    user_id: str, session_id: str, request_id: str, items: list[int], clicked: int | None,
+    reward: float, ts: float,
+) -> list[Record]:  # fmt: skip
+    """A slate's feedback as the simulator sends it: an Impression per shown item, then the
+    Click with its reward when the user clicked."""
+    out: list[Record] = [
+        Impression(
+            event_id=f"{request_id}-i{p}", user_id=user_id, session_id=session_id,
+            request_id=request_id, item=item, position=p, slate_size=len(items),
+            clicked=p == clicked, ts=ts,
+        )  # fmt: skip
+        for p, item in enumerate(items)
+    ]
+    if clicked is not None:
+        out.append(
+            Click(
+                event_id=f"{request_id}-c", user_id=user_id, session_id=session_id,
+                request_id=request_id, item=items[clicked], position=clicked, reward=reward,
+                ts=ts,
+            )  # fmt: skip
         )
     return out
 

@@ -49,7 +49,7 @@ from recloop.kafka.clients import (
 from streams.app import tune_gc
 from streams.batch import BatchFolder, RawRecord
 from streams.fold import FoldConfig
-from streams.sender import BatchSender
+from streams.sender import BatchSender, send_transitions_then_states
 from streams.synthetic import SyntheticConfig, causal_events, split_topics
 
 
@@ -195,8 +195,7 @@ async def _raw_loop(
             for key, (partition, raw, state) in result.states.items():
                 states[key] = state
                 states_out.add(out_topics.session_state, partition, key, raw)
-            await asyncio.gather(*await transitions_out.send(producer))
-            await states_out.send(producer)
+            await send_transitions_then_states(producer, transitions_out, states_out)
             seen += len(records)
             transitions += len(result.transitions)
             if time.monotonic() - last_commit > 2.8:  # faust's default commit interval

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core import codec
-from core.events import Click, Impression, Record, SessionEnd, SessionState, SlateServed, UserView
+from core.events import Click, Record, SessionEnd, SessionState, SlateServed, UserView
 from streams import fold
-from streams.synthetic import SyntheticConfig, causal_events, split_topics
+from streams.synthetic import SyntheticConfig, causal_events, slate_feedback, split_topics
 
 U = "u1"
 
@@ -29,34 +29,7 @@ def slate(rid: str, step: int, items=(10, 11, 12), sid: str = "s1", ts: float = 
 def answer(rid: str, items=(10, 11, 12), clicked: int | None = None, reward: float = 0.0,
            sid: str = "s1", ts: float = 200.0) -> list[Record]:  # fmt: skip
     """A slate's feedback as the simulator sends it: impressions, then the click if any."""
-    out: list[Record] = [
-        Impression(
-            event_id=f"{rid}-i{p}",
-            user_id=U,
-            session_id=sid,
-            request_id=rid,
-            item=item,
-            position=p,
-            slate_size=len(items),
-            clicked=p == clicked,
-            ts=ts,
-        )  # fmt: skip
-        for p, item in enumerate(items)
-    ]
-    if clicked is not None:
-        out.append(
-            Click(
-                event_id=f"{rid}-c",
-                user_id=U,
-                session_id=sid,
-                request_id=rid,
-                item=items[clicked],
-                position=clicked,
-                reward=reward,
-                ts=ts,
-            )  # fmt: skip
-        )
-    return out
+    return slate_feedback(U, sid, rid, list(items), clicked, reward, ts)
 
 
 def end(steps: int, sid: str = "s1", ts: float = 300.0) -> SessionEnd:
