@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.events import Click, Impression, Record, SessionEnd, SessionState, SlateServed
-from learner.spec import WorldSpec
-from producer_sim.runner import Estimate, RunReport, run_episodes
-from producer_sim.world import World
-from streams import fold
+from recloop.core.events import Click, Impression, Record, SessionEnd, SessionState, SlateServed
+from recloop.learner.spec import WorldSpec
+from recloop.producer_sim.runner import Estimate, RunReport, run_episodes
+from recloop.producer_sim.world import World
+from recloop.streams import fold
 
 
 def spec_for(world: World, history_len: int = 5) -> WorldSpec:

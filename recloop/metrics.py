@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from core.settings import Settings
+from recloop.core.settings import Settings
 
 RECORDS_IN = Counter(
     "recloop_records_in_total", "Records consumed and decoded", ["process", "topic"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from learner.spec import WorldSpec
-from producer_sim.presets import PRESETS, make_world
+from recloop.learner.spec import WorldSpec
+from recloop.producer_sim.presets import PRESETS, make_world
 
 
 def preset_names() -> list[str]:

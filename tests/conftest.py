@@ -21,9 +21,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from core.settings import Settings
+from recloop.core.settings import Settings
 from recloop.kafka.admin import create_topics, delete_topics
-from recloop.kafka.broker import LocalBroker
+from recloop.ops.broker import LocalBroker
 
 
 @pytest.fixture(scope="session")

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
-from core.events import Transition
-from learner import registry
-from learner.batch import to_batch
-from producer_sim.policies import MyopicOraclePolicy, RandomPolicy
-from producer_sim.presets import make_world
-from producer_sim.runner import RunReport, run_episodes
+from recloop.core.events import Transition
 from recloop.inprocess import LearningSink, PairedReport, evaluate_paired, spec_for, train
+from recloop.learner import registry
+from recloop.learner.batch import to_batch
+from recloop.producer_sim.policies import MyopicOraclePolicy, RandomPolicy
+from recloop.producer_sim.presets import make_world
+from recloop.producer_sim.runner import RunReport, run_episodes
 
 PRESET_OVERRIDES = {
     # The world's choice model is known in the SlateQ paper's experiments.

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.events import SlateServed, Transition
-from core.settings import Settings
-from core.snapshot import describe_snapshot
+from recloop.core.events import SlateServed, Transition
+from recloop.core.settings import Settings
+from recloop.core.snapshot import describe_snapshot
 from recloop.kafka.admin import create_topics
-from recloop.kafka.broker import LocalBroker, free_port, port_open
 from recloop.kafka.read import read_topic
-from recloop.services.demo import ChildProcesses
+from recloop.ops.broker import LocalBroker, free_port, port_open
+from recloop.ops.demo import ChildProcesses
 
 
 @dataclass(frozen=True)

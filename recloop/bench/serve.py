@@ -35,11 +35,11 @@ import faiss
 import msgspec
 import numpy as np
 
-from core import codec
-from core.events import PolicyPublished, RecRequest
-from core.ports import Slate
-from core.settings import Settings
-from core.snapshot import write_snapshot
+from recloop.core import codec
+from recloop.core.events import PolicyPublished, RecRequest
+from recloop.core.ports import Slate
+from recloop.core.settings import Settings
+from recloop.core.snapshot import write_snapshot
 
 POLICY = "bench"
 
@@ -112,8 +112,8 @@ def _request(i: int, prefix: str, obs_D: np.ndarray, k: int) -> RecRequest:
 
 
 def _config(bench: BenchConfig):
-    from serving.server import ServeConfig
-    from serving.split import TrafficSplit
+    from recloop.serving.server import ServeConfig
+    from recloop.serving.split import TrafficSplit
 
     return ServeConfig(
         TrafficSplit.parse([POLICY]), n_items=bench.n_items, retrieve_m=bench.m, seed=bench.seed
@@ -242,9 +242,9 @@ def _announce(settings: Settings, root: Path, emb_ND: np.ndarray):
 
 def _compute_only(bench: BenchConfig, published: PolicyPublished, emb_ND, obs_UD) -> dict:
     """Time the serving core and a raw faiss search of the same index, in this process."""
-    from serving.host import PolicyHost
-    from serving.server import SlateServer
-    from serving.snapshots import SnapshotInstaller
+    from recloop.serving.host import PolicyHost
+    from recloop.serving.server import SlateServer
+    from recloop.serving.snapshots import SnapshotInstaller
 
     faiss.omp_set_num_threads(1)  # as the service runs it
     host = PolicyHost([POLICY])
@@ -278,7 +278,7 @@ def _compute_only(bench: BenchConfig, published: PolicyPublished, emb_ND, obs_UD
 def run_bench(bench: BenchConfig) -> dict[str, Any]:
     """Run the whole benchmark; returns its figures (the CLI prints them as one JSON line)."""
     from recloop.kafka.admin import create_topics, delete_topics
-    from recloop.kafka.broker import LocalBroker
+    from recloop.ops.broker import LocalBroker
 
     with tempfile.TemporaryDirectory(prefix="recloop-bench-serve-") as tmp:
         work = Path(tmp)

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from core import codec
-from core.events import RecRequest, SlateServed
-from core.settings import Settings
-from producer_sim.policies import RandomPolicy
-from producer_sim.presets import make_world
-from producer_sim.runner import run_episodes
-from producer_sim.world import Simulation
+from recloop.core import codec
+from recloop.core.events import RecRequest, SlateServed
+from recloop.core.settings import Settings
 from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_consumer, make_producer
+from recloop.producer_sim.policies import RandomPolicy
+from recloop.producer_sim.presets import make_world
+from recloop.producer_sim.runner import run_episodes
+from recloop.producer_sim.world import Simulation
 from recloop.services.sim import PRODUCER_TUNING, Outbox, SimConfig, SimService
 
 
@@ -190,7 +190,7 @@ def run_bench(bootstrap: str | None, preset: str, users: int, seconds: float, co
 
     broker = None
     if bootstrap is None:
-        from recloop.kafka.broker import LocalBroker
+        from recloop.ops.broker import LocalBroker
 
         console.print("starting a local Kafka broker (pass --bootstrap to use yours)...")
         broker = LocalBroker(

@@ -35,9 +35,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from core import codec
-from core.events import Record, Transition
-from core.settings import Settings
+from recloop.core import codec
+from recloop.core.events import Record, Transition
+from recloop.core.settings import Settings
 from recloop.kafka.admin import create_topics, delete_topics
 from recloop.kafka.clients import (
     DeliveryTracker,
@@ -46,11 +46,11 @@ from recloop.kafka.clients import (
     make_producer,
     produce_records,
 )
-from streams.app import tune_gc
-from streams.batch import BatchFolder, RawRecord
-from streams.fold import FoldConfig
-from streams.sender import BatchSender, send_transitions_then_states
-from streams.synthetic import SyntheticConfig, causal_events, split_topics
+from recloop.streams.app import tune_gc
+from recloop.streams.batch import BatchFolder, RawRecord
+from recloop.streams.fold import FoldConfig
+from recloop.streams.sender import BatchSender, send_transitions_then_states
+from recloop.streams.synthetic import SyntheticConfig, causal_events, split_topics
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def run_faust(settings: Settings, cfg: BenchConfig, want: int, work: Path) -> di
         "RECLOOP_PARTITIONS": str(settings.partitions),
     }
     cmd = [
-        sys.executable, "-m", "streams.worker", "--app-id", f"{settings.topic_prefix}streams",
+        sys.executable, "-m", "recloop.streams.worker", "--app-id", f"{settings.topic_prefix}streams",
         "--data-dir", str(work / "faust"), "--batch-size", str(cfg.batch_size),
         "--session-timeout", "1e12",
     ]  # fmt: skip
@@ -225,7 +225,7 @@ def run_bench(cfg: BenchConfig, echo=print) -> dict[str, Any]:
         broker = None
         bootstrap = cfg.bootstrap
         if not bootstrap:
-            from recloop.kafka.broker import LocalBroker
+            from recloop.ops.broker import LocalBroker
 
             broker = LocalBroker(work / "kafka", die_with_parent=True).start()
             bootstrap = broker.bootstrap

@@ -16,8 +16,8 @@ from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-import storage
-from core.settings import Settings
+from recloop import storage
+from recloop.core.settings import Settings
 
 db_app = typer.Typer(
     help="recloop's database: schema and recorded snapshots.", no_args_is_help=True

@@ -13,13 +13,13 @@ from typing import Any
 
 import typer
 
-from core import events, topics
-from core.events import Record
-from core.settings import Settings
+from recloop.core import events, topics
+from recloop.core.events import Record
+from recloop.core.settings import Settings
 
 
 def example_events(ts: float = 1_700_000_000.0) -> list[Record]:
-    """One plausible record of every type in ``core.events.ALL_RECORD_TYPES``."""
+    """One plausible record of every type in ``recloop.core.events.ALL_RECORD_TYPES``."""
     view = events.UserView(
         observation=[0.25, -1.0], history=[7, 3], history_rewards=[1.5, 0.0], step=2,
         cumulative_reward=1.5,
@@ -177,8 +177,8 @@ def demo(
     if roundtrip:
         _roundtrip(console, settings, host, port)
         return
-    from learner import registry
-    from recloop.services.demo import DemoError, DemoOptions, run_demo
+    from recloop.learner import registry
+    from recloop.ops.demo import DemoError, DemoOptions, run_demo
 
     if algo not in registry.names():
         raise typer.BadParameter(
@@ -229,7 +229,7 @@ def _roundtrip(console: Any, settings: Settings, host: str, port: int) -> None:
 
 def _ensure_broker(console: Any, settings: Settings, host: str, port: int) -> None:
     """Use the broker at host:port if one answers, else start the local one there."""
-    from recloop.kafka.broker import BrokerError, port_open, start_detached
+    from recloop.ops.broker import BrokerError, port_open, start_detached
 
     if port_open(port, host or "127.0.0.1"):
         console.print(f"using the Kafka broker that answers at {host}:{port}")
@@ -249,7 +249,7 @@ def _ensure_broker(console: Any, settings: Settings, host: str, port: int) -> No
 
 
 def _short(record: Record, width: int = 70) -> str:
-    from core import codec
+    from recloop.core import codec
 
     text = codec.encode(record).decode()
     return text if len(text) <= width else text[: width - 3] + "..."

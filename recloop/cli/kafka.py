@@ -11,9 +11,9 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from core.settings import Settings
 from recloop.cli.preflight import require_broker
-from recloop.kafka import broker as local
+from recloop.core.settings import Settings
+from recloop.ops import broker as local
 
 kafka_app = typer.Typer(
     help="A local Apache Kafka broker (no Docker needed).", no_args_is_help=True

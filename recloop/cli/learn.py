@@ -10,8 +10,8 @@ from typing import Any
 
 import typer
 
-from core.settings import Settings
 from recloop.cli.preflight import require_broker
+from recloop.core.settings import Settings
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -38,11 +38,11 @@ def learn(
         [], "--config", help="Algorithm Config override KEY=VALUE (JSON value), repeatable."
     ),
 ) -> None:
-    from learner import registry
+    from recloop.learner import registry
     from recloop.metrics import serve_metrics
     from recloop.services.learn import LearnConfig, LearnerService
+    from recloop.storage.store import Storage
     from recloop.worlds import learner_spec, preset_names
-    from storage.store import Storage
 
     if algo not in registry.names():
         raise typer.BadParameter(

@@ -26,9 +26,9 @@ def learn_bench(
     seed: int = typer.Option(0, help="Seed of worlds, agents and evaluation."),
     throughput_seconds: float = typer.Option(3.0, min=0.1, help="Time per throughput measure."),
 ) -> None:
-    from learner import registry
-    from producer_sim.presets import PRESETS
     from recloop.bench.learn import BenchConfig, run
+    from recloop.learner import registry
+    from recloop.producer_sim.presets import PRESETS
 
     if world not in PRESETS:
         raise typer.BadParameter(f"unknown world {world!r}; known: {', '.join(sorted(PRESETS))}",

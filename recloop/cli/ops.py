@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from core.settings import Settings
 from recloop.cli.preflight import require_broker, unreachable_message
+from recloop.core.settings import Settings
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -108,8 +108,8 @@ def report(
     run: str = typer.Option("", help="Run id (see storage); default: the latest run."),
     out: Path = typer.Option(Path("artifacts/report"), help="Directory for index.html and PNGs."),
 ) -> None:
-    from recloop.report import build_report
-    from storage.store import Storage
+    from recloop.ops.report import build_report
+    from recloop.storage.store import Storage
 
     settings = Settings()
     with Storage.from_settings(settings) as storage:

@@ -11,7 +11,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
-from core.settings import Settings
+from recloop.core.settings import Settings
 
 
 def broker_problem(settings: Settings, timeout: float = 5.0) -> str | None:

@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from core.settings import Settings
 from recloop.cli.preflight import require_broker
+from recloop.core.settings import Settings
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -69,11 +69,11 @@ def serve(
 
     from recloop.metrics import serve_metrics
     from recloop.services.serve import ServeOptions, ServeService, catalogue_of, learner_loader
+    from recloop.serving.fallback import FALLBACK_NAMES
+    from recloop.serving.retrieval import INDEX_KINDS
+    from recloop.serving.server import ServeConfig
+    from recloop.serving.split import TrafficSplit
     from recloop.worlds import preset_names
-    from serving.fallback import FALLBACK_NAMES
-    from serving.retrieval import INDEX_KINDS
-    from serving.server import ServeConfig
-    from serving.split import TrafficSplit
 
     try:
         split = TrafficSplit.parse(policy or ["slateq"])
@@ -135,7 +135,7 @@ def bench_serve(
 ) -> None:
     """Measure serving latency through Kafka; the last line is JSON."""
     from recloop.bench.serve import BenchConfig, run_bench
-    from serving.retrieval import INDEX_KINDS
+    from recloop.serving.retrieval import INDEX_KINDS
 
     if index not in INDEX_KINDS:
         raise typer.BadParameter(f"{index!r}; choose one of {INDEX_KINDS}", param_hint="--index")

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from core.settings import Settings
 from recloop.cli.preflight import require_broker
+from recloop.core.settings import Settings
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -35,7 +35,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
 
 def _preset_options(preset: str, slate_size: int | None, candidates: int | None) -> dict:
-    from producer_sim.presets import PRESETS
+    from recloop.producer_sim.presets import PRESETS
 
     if preset not in PRESETS:
         raise typer.BadParameter(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from core.settings import Settings
+from recloop.core.settings import Settings
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -46,8 +46,8 @@ def streams(
     from recloop.cli.preflight import require_broker
     from recloop.kafka.admin import create_topics
     from recloop.metrics import serve_metrics
-    from streams.app import StreamsConfig
-    from streams.worker import run
+    from recloop.streams.app import StreamsConfig
+    from recloop.streams.worker import run
 
     if loglevel.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise typer.BadParameter(f"unknown log level {loglevel!r}", param_hint="--loglevel")

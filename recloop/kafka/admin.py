@@ -1,4 +1,4 @@
-"""Create (and, for tests, delete) recloop's topics from the topic table in ``core.topics``.
+"""Create (and, for tests, delete) recloop's topics from the topic table in ``recloop.core.topics``.
 
 Per-user topics get ``settings.partitions`` partitions so that faust's co-partitioning holds;
 the one topic not keyed by user (policy snapshots) gets a single partition, which keeps every
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from core.settings import Settings
+from recloop.core.settings import Settings
 from recloop.kafka.clients import make_admin
 
 DLQ_PARTITIONS = 1

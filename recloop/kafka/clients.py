@@ -1,4 +1,4 @@
-"""Small factories for confluent-kafka clients built from ``core.settings.Settings``.
+"""Small factories for confluent-kafka clients built from ``recloop.core.settings.Settings``.
 
 Every process makes its clients here, so security options and sane defaults (acks=all,
 idempotent producer, manual commits) are set in one place.
@@ -12,9 +12,9 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient
 
-from core import codec
-from core.events import Record
-from core.settings import Settings
+from recloop.core import codec
+from recloop.core.events import Record
+from recloop.core.settings import Settings
 
 
 def make_producer(settings: Settings, extra: Mapping[str, Any] | None = None) -> Producer:
@@ -90,7 +90,7 @@ def produce_records(
     key_fn: Callable[[Any], str | bytes | None],
     on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
 ) -> int:
-    """Encode each record with ``core.codec`` and produce it keyed by ``key_fn(record)``.
+    """Encode each record with ``recloop.core.codec`` and produce it keyed by ``key_fn(record)``.
 
     Does not flush: the caller decides when to wait. Returns how many were queued.
     """

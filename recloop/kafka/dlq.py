@@ -1,9 +1,9 @@
 """The one consumer every confluent-kafka process uses: decode, dead-letter, commit.
 
-``DeadLetterConsumer`` subscribes to topics of the table in ``core.topics`` and decodes each
-message with ``core.codec`` as that topic's value type. A message that does not decode is
+``DeadLetterConsumer`` subscribes to topics of the table in ``recloop.core.topics`` and decodes each
+message with ``recloop.core.codec`` as that topic's value type. A message that does not decode is
 produced unchanged (same key, same value bytes) to ``<topic>.dlq`` with the headers of
-``core.dlq.dlq_headers`` and is not returned; the valid messages around it are returned in
+``recloop.core.dlq.dlq_headers`` and is not returned; the valid messages around it are returned in
 order. ``commit()`` first flushes the dead-letter producer and checks every dead letter
 arrived, then commits past everything returned or dead-lettered, so a crash can repeat
 work (at-least-once; transitions carry deterministic ids) but never lose a record.
@@ -17,11 +17,11 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from core import codec, topics
-from core.dlq import dlq_headers
-from core.events import Record
-from core.settings import Settings
 from recloop import metrics
+from recloop.core import codec, topics
+from recloop.core.dlq import dlq_headers
+from recloop.core.events import Record
+from recloop.core.settings import Settings
 from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_consumer, make_producer
 
 
@@ -48,7 +48,7 @@ class PollStats:
 
 
 class DeadLetterConsumer:
-    """A manual-commit consumer over ``base_topics`` (names from ``core.topics``).
+    """A manual-commit consumer over ``base_topics`` (names from ``recloop.core.topics``).
 
     ``name`` identifies this consumer in dead-letter headers. ``value_types`` may override the
     table's value type for a resolved topic name (tools reading foreign topics).

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
 
-from core.settings import Settings
+from recloop.core.settings import Settings
 
 
 @dataclass(frozen=True)

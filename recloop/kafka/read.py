@@ -11,8 +11,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from core import codec
-from core.settings import Settings
+from recloop.core import codec
+from recloop.core.settings import Settings
 
 
 def read_topic(

@@ -4,7 +4,7 @@ Loop: poll a batch of ``rec.transitions`` (dead-lettering what does not decode),
 transitions already applied (by id), feed the rest to the agent's ``learn_many`` (the agent
 owns its update schedule), and every N transitions or T seconds publish a snapshot:
 
-1. ``weights.safetensors`` + ``manifest.json`` written atomically (core.snapshot), with the
+1. ``weights.safetensors`` + ``manifest.json`` written atomically (recloop.core.snapshot), with the
    consumed offsets, the applied-transition count and digest, and the ids applied recently;
 2. recorded in storage;
 3. announced on ``policy.snapshots``;
@@ -33,22 +33,22 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, TopicPartition
 
-from core import codec
-from core.events import PolicyPublished, Transition
-from core.settings import Settings
-from core.snapshot import (
+from recloop import metrics
+from recloop.core import codec
+from recloop.core.events import PolicyPublished, Transition
+from recloop.core.settings import Settings
+from recloop.core.snapshot import (
     SnapshotRef,
     announced_path,
     latest_snapshot,
     read_snapshot,
     write_snapshot,
 )
-from learner import registry
-from learner.spec import WorldSpec
-from recloop import metrics
 from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_producer
 from recloop.kafka.dlq import DeadLetterConsumer
-from storage.store import Storage
+from recloop.learner import registry
+from recloop.learner.spec import WorldSpec
+from recloop.storage.store import Storage
 
 log = logging.getLogger(__name__)
 

@@ -33,19 +33,19 @@ import faiss
 import numpy as np
 from confluent_kafka import KafkaException
 
-from core import codec
-from core.dlq import dlq_headers
-from core.events import PolicyPublished, RecRequest, SessionState, SlateServed
-from core.settings import Settings
-from core.snapshot import describe_snapshot
 from recloop import metrics
+from recloop.core import codec
+from recloop.core.dlq import dlq_headers
+from recloop.core.events import PolicyPublished, RecRequest, SessionState, SlateServed
+from recloop.core.settings import Settings
+from recloop.core.snapshot import describe_snapshot
 from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_producer, produce_records
 from recloop.kafka.dlq import Consumed, DeadLetterConsumer
-from serving.fallback import PopularityCounts
-from serving.host import PolicyHost
-from serving.server import ItemFeatures, ServeConfig, SlateServer, validate_request
-from serving.session_cache import SessionCache
-from serving.snapshots import InstallResult, PolicyLoader, SnapshotInstaller
+from recloop.serving.fallback import PopularityCounts
+from recloop.serving.host import PolicyHost
+from recloop.serving.server import ItemFeatures, ServeConfig, SlateServer, validate_request
+from recloop.serving.session_cache import SessionCache
+from recloop.serving.snapshots import InstallResult, PolicyLoader, SnapshotInstaller
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +334,8 @@ def learner_loader(preset: str, seed: int = 0, **world_options: Any) -> PolicyLo
     """
     import torch
 
-    from learner import registry
-    from learner.spec import WorldSpec
+    from recloop.learner import registry
+    from recloop.learner.spec import WorldSpec
     from recloop.worlds import learner_spec
 
     # Inference on small batches: one thread, so serving does not fight the other processes.
@@ -352,7 +352,7 @@ def learner_loader(preset: str, seed: int = 0, **world_options: Any) -> PolicyLo
 
 def catalogue_of(preset: str, seed: int = 0, **world_options: Any) -> tuple[int, ItemFeatures]:
     """The preset's catalogue size and feature lookup (for requests without candidates)."""
-    from producer_sim.presets import make_world
+    from recloop.producer_sim.presets import make_world
 
     world = make_world(preset, seed=seed, **world_options)
     return world.catalogue.n_items, world.item_features

@@ -28,15 +28,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from core import codec
-from core.dlq import dlq_headers
-from core.events import Click, EpisodeOutcome, Record, SlateAnswer
-from core.settings import Settings
-from producer_sim.cohort import Cohort, InvalidSlate
-from producer_sim.presets import make_world
 from recloop import metrics
+from recloop.core import codec
+from recloop.core.dlq import dlq_headers
+from recloop.core.events import Click, EpisodeOutcome, Record, SlateAnswer
+from recloop.core.settings import Settings
 from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_consumer, make_producer
 from recloop.kafka.dlq import Consumed, DeadLetterConsumer
+from recloop.producer_sim.cohort import Cohort, InvalidSlate
+from recloop.producer_sim.presets import make_world
 
 CONSUMER_NAME = "producer_sim"
 

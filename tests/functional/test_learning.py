@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from learner import registry
-from learner.batch import to_batch
-from producer_sim.policies import RandomPolicy
-from producer_sim.presets import interest_evolution, tiny_world
 from recloop.inprocess import evaluate, evaluate_paired, spec_for, train
+from recloop.learner import registry
+from recloop.learner.batch import to_batch
+from recloop.producer_sim.policies import RandomPolicy
+from recloop.producer_sim.presets import interest_evolution, tiny_world
 from tests.unit.learner.synth import SPEC, make_transitions
 
 torch.set_num_threads(1)

@@ -6,11 +6,11 @@ in-process learning wiring does. Reward is conserved: transitions carry the epis
 
 from __future__ import annotations
 
-from core.events import Click, Impression, SessionEnd, SlateServed
-from producer_sim.policies import RandomPolicy
-from producer_sim.presets import interest_evolution
-from producer_sim.runner import run_episodes
-from streams.fold import apply
+from recloop.core.events import Click, Impression, SessionEnd, SlateServed
+from recloop.producer_sim.policies import RandomPolicy
+from recloop.producer_sim.presets import interest_evolution
+from recloop.producer_sim.runner import run_episodes
+from recloop.streams.fold import apply
 
 
 def test_runner_events_fold_into_one_transition_per_slate() -> None:

@@ -9,9 +9,9 @@ policies must also be told apart by their 95% intervals.
 
 from __future__ import annotations
 
-from producer_sim.policies import MyopicOraclePolicy, RandomPolicy
-from producer_sim.presets import interest_evolution
-from producer_sim.runner import run_episodes
+from recloop.producer_sim.policies import MyopicOraclePolicy, RandomPolicy
+from recloop.producer_sim.presets import interest_evolution
+from recloop.producer_sim.runner import run_episodes
 
 EPISODES = 1000
 

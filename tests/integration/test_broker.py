@@ -13,10 +13,11 @@ import typer
 from confluent_kafka import TopicPartition
 from typer.testing import CliRunner
 
-from core.settings import Settings
 from recloop.cli import kafka as cli_kafka
+from recloop.core.settings import Settings
 from recloop.kafka.admin import create_topics, planned_topics
-from recloop.kafka.broker import (
+from recloop.kafka.clients import make_admin, make_consumer, make_producer
+from recloop.ops.broker import (
     KAFKA_VERSION,
     BrokerError,
     LocalBroker,
@@ -25,7 +26,6 @@ from recloop.kafka.broker import (
     pid_running,
     read_state,
 )
-from recloop.kafka.clients import make_admin, make_consumer, make_producer
 
 pytestmark = pytest.mark.integration
 

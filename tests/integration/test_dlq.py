@@ -7,8 +7,8 @@ import time
 import pytest
 from confluent_kafka import TopicPartition
 
-from core import codec, events
-from core.dlq import (
+from recloop.core import codec, events
+from recloop.core.dlq import (
     HEADER_CONSUMER,
     HEADER_ERROR,
     HEADER_OFFSET,
@@ -16,7 +16,7 @@ from core.dlq import (
     HEADER_TOPIC,
     parse_headers,
 )
-from core.settings import Settings
+from recloop.core.settings import Settings
 from recloop.kafka.clients import make_consumer, make_producer
 from recloop.kafka.dlq import DeadLetterConsumer
 

@@ -3,7 +3,7 @@
 The app below is the smallest shape recloop's stream processors take: an agent reads one
 topic, keeps a count per key in a faust Table (so faust must create a compacted changelog
 topic on the broker, which old aiokafka versions cannot do on Kafka 4), and writes every
-record, decoded and re-encoded through ``core.codec``, to another topic with the running
+record, decoded and re-encoded through ``recloop.core.codec``, to another topic with the running
 count in a header. It runs as a real worker in a subprocess and is stopped at the end.
 """
 
@@ -23,9 +23,9 @@ import pytest
 from confluent_kafka import KafkaError
 from confluent_kafka.admin import NewTopic
 
-from core import codec, events
-from core.settings import Settings
 from recloop.cli.demo import example_events
+from recloop.core import codec, events
+from recloop.core.settings import Settings
 from recloop.kafka.clients import make_admin, make_consumer, make_producer
 
 pytestmark = pytest.mark.integration

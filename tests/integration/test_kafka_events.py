@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from core import codec, events
-from core.settings import Settings
-from core.topics import spec
 from recloop.cli.demo import example_events, key_of, round_trip, topic_for
+from recloop.core import codec, events
+from recloop.core.settings import Settings
+from recloop.core.topics import spec
 from recloop.kafka.clients import (
     DeliveryTracker,
     flush_or_raise,

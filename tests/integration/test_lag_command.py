@@ -16,9 +16,9 @@ import time
 import pytest
 from confluent_kafka import TopicPartition
 
-from core.settings import Settings
-from recloop.kafka.broker import describe_group, free_port
+from recloop.core.settings import Settings
 from recloop.kafka.clients import make_consumer, make_producer
+from recloop.ops.broker import describe_group, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import codec
-from core.events import PolicyPublished, Transition, UserView
-from core.settings import Settings
-from core.snapshot import latest_snapshot, read_snapshot
+from recloop.core import codec
+from recloop.core.events import PolicyPublished, Transition, UserView
+from recloop.core.settings import Settings
+from recloop.core.snapshot import latest_snapshot, read_snapshot
 from recloop.kafka.clients import make_producer
 from recloop.services.learn import id_digest
-from storage.store import Storage
+from recloop.storage.store import Storage
 
 pytestmark = pytest.mark.integration
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from core.events import PolicyPublished, SlateServed
-from core.settings import Settings
-from core.snapshot import latest_snapshot, read_snapshot
+from recloop.core.events import PolicyPublished, SlateServed
+from recloop.core.settings import Settings
+from recloop.core.snapshot import latest_snapshot, read_snapshot
 from recloop.kafka.read import end_offsets, read_topic
-from recloop.services.demo import DemoOptions, run_demo
-from storage.store import Storage
+from recloop.ops.demo import DemoOptions, run_demo
+from recloop.storage.store import Storage
 
 pytestmark = pytest.mark.integration
 

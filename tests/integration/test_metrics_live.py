@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.settings import Settings
-from recloop.kafka.broker import free_port
-from recloop.services.demo import ChildProcesses
+from recloop.core.settings import Settings
+from recloop.ops.broker import free_port
+from recloop.ops.demo import ChildProcesses
 
 pytestmark = pytest.mark.integration
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from recloop.report import build_report
-from storage.store import Outcome, Sample, Storage
+from recloop.ops.report import build_report
+from recloop.storage.store import Outcome, Sample, Storage
 
 pytestmark = pytest.mark.integration
 

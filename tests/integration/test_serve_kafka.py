@@ -19,16 +19,22 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer
 
-from core import codec
-from core.dlq import HEADER_CONSUMER, HEADER_ERROR, HEADER_OFFSET, HEADER_TOPIC, parse_headers
-from core.events import PolicyPublished, RecRequest, SessionState, SlateServed, UserView
-from core.ports import Slate
-from core.settings import Settings
-from core.snapshot import WEIGHTS_FILE, write_snapshot
+from recloop.core import codec
+from recloop.core.dlq import (
+    HEADER_CONSUMER,
+    HEADER_ERROR,
+    HEADER_OFFSET,
+    HEADER_TOPIC,
+    parse_headers,
+)
+from recloop.core.events import PolicyPublished, RecRequest, SessionState, SlateServed, UserView
+from recloop.core.ports import Slate
+from recloop.core.settings import Settings
+from recloop.core.snapshot import WEIGHTS_FILE, write_snapshot
 from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_consumer, make_producer
 from recloop.services.serve import ServeOptions, ServeService
-from serving.server import ServeConfig
-from serving.split import TrafficSplit
+from recloop.serving.server import ServeConfig
+from recloop.serving.split import TrafficSplit
 
 pytestmark = pytest.mark.integration
 
@@ -315,7 +321,7 @@ def test_swaps_under_steady_load_lose_nothing_and_never_go_backwards(
 
 def snapshot_replay(root: Path, version: int) -> PolicyPublished:
     """The announcement of an already-written old version again (a compacted-topic replay)."""
-    from core.snapshot import describe_snapshot, snapshot_dir
+    from recloop.core.snapshot import describe_snapshot, snapshot_dir
 
     ref = describe_snapshot(snapshot_dir(root, "learned", version))
     return PolicyPublished(

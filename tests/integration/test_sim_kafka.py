@@ -15,9 +15,9 @@ from collections import defaultdict
 import pytest
 from confluent_kafka import TopicPartition
 
-from core import codec
-from core.dlq import HEADER_ERROR, HEADER_TOPIC, parse_headers
-from core.events import (
+from recloop.core import codec
+from recloop.core.dlq import HEADER_ERROR, HEADER_TOPIC, parse_headers
+from recloop.core.events import (
     Click,
     EpisodeOutcome,
     Feedback,

@@ -21,10 +21,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from core.ports import SnapshotStore
-from core.snapshot import read_snapshot, write_snapshot
 from recloop.cli import db as db_cli
-from storage import (
+from recloop.core.ports import SnapshotStore
+from recloop.core.snapshot import read_snapshot, write_snapshot
+from recloop.storage import (
     Outcome,
     Sample,
     SnapshotConflict,
@@ -35,7 +35,7 @@ from storage import (
     make_engine,
     migrate,
 )
-from storage.models import Base, SampleRow, SnapshotRow
+from recloop.storage.models import Base, SampleRow, SnapshotRow
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +104,7 @@ def test_concurrent_migrations_from_several_processes_take_turns(db_url):
     # imported, so their migrations truly overlap; without the lock one of two fails.
     code = (
         "import sys, storage; print('ready', flush=True); sys.stdin.readline(); "
-        "print(storage.migrate(sys.argv[1]))"
+        "print(recloop.storage.migrate(sys.argv[1]))"
     )
     procs = [
         subprocess.Popen(

@@ -1,6 +1,6 @@
 """The streams worker on the real broker: exact transitions, crash recovery, scale-out, DLQ.
 
-Every worker runs as its own process (``python -m streams.worker``), as in production, with a
+Every worker runs as its own process (``python -m recloop.streams.worker``), as in production, with a
 unique app id and data dir; the ``workers`` fixture kills each one by pid at the end, also
 when a test fails. Expected transitions come from folding the same events in causal order
 with the pure fold, so "exactly" means: the same ids with the same content, none missing,
@@ -20,10 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from core import codec
-from core.dlq import HEADER_ERROR, HEADER_OFFSET, HEADER_PARTITION, HEADER_TOPIC, parse_headers
-from core.events import Record, Transition
-from core.settings import Settings
+from recloop.core import codec
+from recloop.core.dlq import (
+    HEADER_ERROR,
+    HEADER_OFFSET,
+    HEADER_PARTITION,
+    HEADER_TOPIC,
+    parse_headers,
+)
+from recloop.core.events import Record, Transition
+from recloop.core.settings import Settings
 from recloop.kafka.clients import (
     DeliveryTracker,
     flush_or_raise,
@@ -31,8 +37,8 @@ from recloop.kafka.clients import (
     make_producer,
     produce_records,
 )
-from streams import fold
-from streams.synthetic import SyntheticConfig, causal_events, split_topics
+from recloop.streams import fold
+from recloop.streams.synthetic import SyntheticConfig, causal_events, split_topics
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +61,7 @@ class Workers:
         }
         log = open(self.tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         cmd = [
-            sys.executable, "-m", "streams.worker", "--app-id", app_id,
+            sys.executable, "-m", "recloop.streams.worker", "--app-id", app_id,
             "--data-dir", str(self.tmp_path / name), "--batch-within", "0.02",
             "--session-timeout", "1e9",  # synthetic timestamps are years old
         ]  # fmt: skip

@@ -8,11 +8,11 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from core import events, topics
-from core.settings import Settings
 from recloop.cli.demo import example_events, key_of, topic_for
+from recloop.core import events, topics
+from recloop.core.settings import Settings
 from recloop.kafka.admin import planned_topics
-from recloop.kafka.broker import (
+from recloop.ops.broker import (
     KAFKA_VERSION,
     BrokerError,
     LocalBroker,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core import codec, events
-from core.codec import RecordDecodeError
+from recloop.core import codec, events
+from recloop.core.codec import RecordDecodeError
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 prob = st.floats(min_value=0.0, max_value=1.0)

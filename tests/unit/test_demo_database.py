@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from core.settings import Settings
-from recloop.services.demo import DemoError, DemoOptions, run_demo
-from storage.store import Storage
+from recloop.core.settings import Settings
+from recloop.ops.demo import DemoError, DemoOptions, run_demo
+from recloop.storage.store import Storage
 
 
 def _snapshot_meta(policy: str, version: int) -> dict:

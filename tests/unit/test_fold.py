@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core import codec
-from core.events import Click, Record, SessionEnd, SessionState, SlateServed, UserView
-from streams import fold
-from streams.synthetic import SyntheticConfig, causal_events, slate_feedback, split_topics
+from recloop.core import codec
+from recloop.core.events import Click, Record, SessionEnd, SessionState, SlateServed, UserView
+from recloop.streams import fold
+from recloop.streams.synthetic import SyntheticConfig, causal_events, slate_feedback, split_topics
 
 U = "u1"
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from core.events import EpisodeOutcome
-from recloop.monitor import ArmWindow, _by_stage, majority_arm
+from recloop.core.events import EpisodeOutcome
+from recloop.ops.monitor import ArmWindow, _by_stage, majority_arm
 
 
 def outcome(policy_steps: dict[str, int], ret: float = 100.0) -> EpisodeOutcome:

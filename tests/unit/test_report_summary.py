@@ -8,10 +8,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.events import EpisodeOutcome
-from recloop.monitor import ArmWindow
-from recloop.report import summarise
-from storage.store import Outcome
+from recloop.core.events import EpisodeOutcome
+from recloop.ops.monitor import ArmWindow
+from recloop.ops.report import summarise
+from recloop.storage.store import Outcome
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

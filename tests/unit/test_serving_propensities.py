@@ -7,9 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from core.ports import Candidates, Observation, Slate
-from serving.exploration import explore
-from serving.fallback import (
+from recloop.core.ports import Candidates, Observation, Slate
+from recloop.serving.exploration import explore
+from recloop.serving.fallback import (
     PopularityCounts,
     PopularityPolicy,
     UniformPolicy,

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.events import RecRequest, SessionState, UserView
-from core.ports import Slate
-from serving.fallback import PopularityCounts
-from serving.host import PolicyHost
-from serving.retrieval import CatalogueIndex
-from serving.server import ServeConfig, SlateServer, validate_request
-from serving.session_cache import SessionCache
-from serving.split import TrafficSplit
+from recloop.core.events import RecRequest, SessionState, UserView
+from recloop.core.ports import Slate
+from recloop.serving.fallback import PopularityCounts
+from recloop.serving.host import PolicyHost
+from recloop.serving.retrieval import CatalogueIndex
+from recloop.serving.server import ServeConfig, SlateServer, validate_request
+from recloop.serving.session_cache import SessionCache
+from recloop.serving.split import TrafficSplit
 
 
 def _request(**overrides) -> RecRequest:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.events import PolicyPublished, RecRequest
-from core.ports import Slate
-from core.snapshot import WEIGHTS_FILE, write_snapshot
-from serving.host import PolicyHost, StaleVersionError
-from serving.server import ServeConfig, SlateServer
-from serving.snapshots import SnapshotInstaller
-from serving.split import TrafficSplit
+from recloop.core.events import PolicyPublished, RecRequest
+from recloop.core.ports import Slate
+from recloop.core.snapshot import WEIGHTS_FILE, write_snapshot
+from recloop.serving.host import PolicyHost, StaleVersionError
+from recloop.serving.server import ServeConfig, SlateServer
+from recloop.serving.snapshots import SnapshotInstaller
+from recloop.serving.split import TrafficSplit
 
 N_ITEMS = 8
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.split import TrafficSplit, parse_arm, user_unit
+from recloop.serving.split import TrafficSplit, parse_arm, user_unit
 
 
 def test_same_user_same_policy_across_instances():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from producer_sim.choice import Cascade, MultinomialLogit, MultinomialProportional, sample
+from recloop.producer_sim.choice import Cascade, MultinomialLogit, MultinomialProportional, sample
 
 MODELS = [
     MultinomialLogit(null_logit=0.5, scale=2.0),

@@ -7,14 +7,21 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from core import codec
-from core.events import Click, EpisodeOutcome, Impression, RecRequest, SessionEnd, SlateServed
-from core.ports import Candidates, Observation, Slate
-from producer_sim.choice import Cascade, MultinomialLogit, MultinomialProportional
-from producer_sim.cohort import InvalidSlate
-from producer_sim.policies import MyopicOraclePolicy, RandomPolicy
-from producer_sim.presets import interest_evolution, large_catalogue, tiny_world
-from producer_sim.runner import Estimate, run_episodes
+from recloop.core import codec
+from recloop.core.events import (
+    Click,
+    EpisodeOutcome,
+    Impression,
+    RecRequest,
+    SessionEnd,
+    SlateServed,
+)
+from recloop.core.ports import Candidates, Observation, Slate
+from recloop.producer_sim.choice import Cascade, MultinomialLogit, MultinomialProportional
+from recloop.producer_sim.cohort import InvalidSlate
+from recloop.producer_sim.policies import MyopicOraclePolicy, RandomPolicy
+from recloop.producer_sim.presets import interest_evolution, large_catalogue, tiny_world
+from recloop.producer_sim.runner import Estimate, run_episodes
 
 
 def test_same_seed_same_trajectory_other_seed_other_one() -> None:

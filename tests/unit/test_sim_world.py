@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from producer_sim.documents import sample_candidates
-from producer_sim.presets import (
+from recloop.producer_sim.documents import sample_candidates
+from recloop.producer_sim.presets import (
     interest_evolution,
     large_catalogue,
     recsim_cluster_quality_means,
     tiny_world,
 )
-from producer_sim.users import InterestUsers, UserConfig
-from producer_sim.world import Simulation
+from recloop.producer_sim.users import InterestUsers, UserConfig
+from recloop.producer_sim.world import Simulation
 
 
 def test_recsim_quality_means() -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from core.snapshot import (
+from recloop.core.snapshot import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     SnapshotError,

@@ -13,13 +13,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from core import codec
-from core.events import Click, SessionState, Transition
-from core.settings import Settings
-from streams import fold
-from streams.app import StreamsApp, StreamsConfig, create_app
-from streams.batch import RawRecord
-from streams.synthetic import SyntheticConfig, causal_events
+from recloop.core import codec
+from recloop.core.events import Click, SessionState, Transition
+from recloop.core.settings import Settings
+from recloop.streams import fold
+from recloop.streams.app import StreamsApp, StreamsConfig, create_app
+from recloop.streams.batch import RawRecord
+from recloop.streams.synthetic import SyntheticConfig, causal_events
 
 
 class RecordingSink:
@@ -105,7 +105,7 @@ def test_agent_emits_the_folds_transitions_and_one_state_per_user_per_batch(tmp_
 def test_the_workers_consumer_hands_whole_fetches_to_the_same_batch_fold(tmp_path):
     from faust.types.tuples import Message
 
-    from streams.consumer import BatchConsumer, _by_handler
+    from recloop.streams.consumer import BatchConsumer, _by_handler
 
     events = causal_events(SyntheticConfig(users=5, sessions=2, steps=2, seed=4))
     streams, sink = make_app(tmp_path)
@@ -192,7 +192,7 @@ def test_idle_sessions_expire_on_owned_partitions_only(tmp_path):
 
 @pytest.mark.parametrize("bad", [{"batch_size": 0}, {"batch_within_s": 0.0}])
 def test_worker_options_are_checked(bad):
-    from streams.worker import parse_config
+    from recloop.streams.worker import parse_config
 
     args = ["--batch-size", str(bad.get("batch_size", 10)),
             "--batch-within", str(bad.get("batch_within_s", 0.1))]  # fmt: skip

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from core import events
-from core.settings import Settings
-from core.topics import TOPIC_TABLE, Topics
+from recloop.core import events
+from recloop.core.settings import Settings
+from recloop.core.topics import TOPIC_TABLE, Topics
 
 
 def test_every_per_user_topic_is_keyed_by_user() -> None:

@@ -1,4 +1,4 @@
-"""Synthetic ``core.events.Transition`` records for learner unit tests.
+"""Synthetic ``recloop.core.events.Transition`` records for learner unit tests.
 
 Sessions of a few steps: random observations, candidates with features, a slate of K distinct
 candidates with propensities, clicks drawn from a fixed rule (the user clicks the slate item
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.events import Transition, UserView
-from core.ports import Candidates, Observation
-from learner.spec import WorldSpec
+from recloop.core.events import Transition, UserView
+from recloop.core.ports import Candidates, Observation
+from recloop.learner.spec import WorldSpec
 
 SPEC = WorldSpec(n_items=30, user_obs_dim=4, item_feature_dim=4, slate_size=3,
                  num_candidates=6, history_len=5)

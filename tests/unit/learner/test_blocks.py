@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.events import Transition, UserView
-from learner import nets
-from learner.batch import request_batch, to_batch
-from learner.replay import PrioritisedReplay, ReplayBuffer
-from learner.spec import WorldSpec
+from recloop.core.events import Transition, UserView
+from recloop.learner import nets
+from recloop.learner.batch import request_batch, to_batch
+from recloop.learner.replay import PrioritisedReplay, ReplayBuffer
+from recloop.learner.spec import WorldSpec
 from tests.unit.learner.synth import SPEC, make_request, make_transitions
 
 torch.set_num_threads(1)
@@ -142,7 +142,7 @@ def test_to_batch_whole_catalogue_rows_have_no_candidates():
 
 
 def test_update_schedule_counts_credit_and_waits_for_learning_starts() -> None:
-    from learner.replay import due_updates
+    from recloop.learner.replay import due_updates
 
     assert due_updates(17, stored=100, update_every=4, learning_starts=64, capacity=1000) == (4, 1)
     # Not enough stored yet: nothing is due and the credit is kept for later.

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from learner import checkpoint, registry
-from learner.replay import ReplayBuffer
+from recloop.learner import checkpoint, registry
+from recloop.learner.replay import ReplayBuffer
 from tests.unit.learner.synth import SPEC, make_transitions
 
 torch.set_num_threads(1)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from learner import registry
-from learner.batch import to_batch
+from recloop.learner import registry
+from recloop.learner.batch import to_batch
 from tests.unit.learner.synth import SPEC, make_request, make_transitions
 
 torch.set_num_threads(1)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.ports import Candidates, Observation
-from learner import registry
-from learner.algorithms import drr as D
-from learner.batch import request_batch, to_batch
-from learner.spec import WorldSpec
+from recloop.core.ports import Candidates, Observation
+from recloop.learner import registry
+from recloop.learner.algorithms import drr as D
+from recloop.learner.batch import request_batch, to_batch
+from recloop.learner.spec import WorldSpec
 from tests.unit.learner.synth import SPEC, bandit_step, make_request, make_transitions
 
 torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from learner import maths
+from recloop.learner import maths
 
 torch.set_num_threads(1)
 

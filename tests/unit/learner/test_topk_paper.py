@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from learner.algorithms.reinforce import pg_weights
-from learner.maths import topk_lambda
+from recloop.learner.algorithms.reinforce import pg_weights
+from recloop.learner.maths import topk_lambda
 
 torch.set_num_threads(1)
 

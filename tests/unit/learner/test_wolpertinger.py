@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.events import Transition, UserView
-from core.ports import Candidates, Observation
-from learner import registry
-from learner.algorithms import wolpertinger as W
-from learner.batch import request_batch, to_batch
-from learner.spec import WorldSpec
+from recloop.core.events import Transition, UserView
+from recloop.core.ports import Candidates, Observation
+from recloop.learner import registry
+from recloop.learner.algorithms import wolpertinger as W
+from recloop.learner.batch import request_batch, to_batch
+from recloop.learner.spec import WorldSpec
 from tests.unit.learner.synth import SPEC, bandit_step, make_request, make_transitions
 
 torch.set_num_threads(1)

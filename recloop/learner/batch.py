@@ -1,0 +1,259 @@
+"""Events to tensors: the ONLY place where ``recloop.core.events`` records become torch tensors.
+
+Two entry points:
+
+- ``to_batch(transitions, spec)`` turns answered slates into a ``TransitionBatch`` for
+  ``update``, including the slate actually served next (``Transition.next_slate``, which
+  SARSA targets need; the streams fold fills it in, empty when ``done``).
+- ``request_batch(observation, candidates, spec)`` turns one serving request
+  (``recloop.core.ports.Observation`` + ``Candidates``) into a ``RequestBatch`` of batch size 1, so a
+  policy sees exactly the layout its training batches had.
+
+Layout conventions (names carry shapes: B batch, U user obs, H history, K slate, N candidates,
+F item features):
+
+- history is the user's recent positive items, oldest first, the last H kept, left-aligned and
+  padded with -1 (``history_mask_BH`` marks real entries);
+- candidates are padded with -1 to the widest row in the batch (``candidates_mask_BN``);
+  an empty candidate list means "the whole catalogue" and gives N = 0 for that row;
+- slate features are looked up by finding each slate item among the row's candidates
+  (``slate_cand_idx_BK``, -1 when absent, features then zero);
+- ``chosen_B`` indexes into the slate, -1 = no click.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from recloop.core.events import Transition, UserView
+from recloop.core.ports import Candidates, Observation
+from recloop.learner.spec import WorldSpec
+
+
+@dataclass(frozen=True)
+class StateBatch:
+    """What the policy conditions on, for B users."""
+
+    user_obs_BU: torch.Tensor  # float32
+    history_BH: torch.Tensor  # int64 item ids, -1 padded, oldest first, left-aligned
+    history_mask_BH: torch.Tensor  # bool
+
+
+@dataclass(frozen=True)
+class RequestBatch:
+    """One (or B) serving requests: the state plus the candidates to choose from."""
+
+    state: StateBatch
+    candidates_BN: torch.Tensor  # int64, -1 padded
+    candidates_mask_BN: torch.Tensor  # bool
+    cand_features_BNF: torch.Tensor  # float32, zeros where padded
+
+
+@dataclass(frozen=True)
+class TransitionBatch:
+    """B answered slates. Tensors are never modified in place by learners."""
+
+    user_obs_BU: torch.Tensor
+    history_BH: torch.Tensor
+    history_mask_BH: torch.Tensor
+    next_user_obs_BU: torch.Tensor
+    next_history_BH: torch.Tensor
+    next_history_mask_BH: torch.Tensor
+    slate_BK: torch.Tensor  # int64 item ids, -1 padded if a slate is shorter than K
+    slate_mask_BK: torch.Tensor  # bool
+    slate_cand_idx_BK: torch.Tensor  # int64 index of each slate item in candidates_BN, or -1
+    propensities_BK: torch.Tensor  # float32 behaviour inclusion probability, 0 where padded
+    candidates_BN: torch.Tensor
+    candidates_mask_BN: torch.Tensor
+    cand_features_BNF: torch.Tensor
+    slate_features_BKF: torch.Tensor
+    chosen_B: torch.Tensor  # int64 position in the slate, -1 = no click
+    chosen_item_B: torch.Tensor  # int64 item id, -1 = no click
+    reward_B: torch.Tensor  # float32
+    done_B: torch.Tensor  # float32 0/1
+    next_slate_mask_B: torch.Tensor  # bool: the slate served next is known
+    next_slate_BK: torch.Tensor  # int64, -1 where unknown
+    next_slate_item_mask_BK: torch.Tensor  # bool
+    next_slate_features_BKF: torch.Tensor  # float32
+    next_candidates_BN: torch.Tensor  # candidates of the next request (width may differ)
+    next_candidates_mask_BN: torch.Tensor
+    next_cand_features_BNF: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.reward_B.shape[0])
+
+    @property
+    def state(self) -> StateBatch:
+        return StateBatch(self.user_obs_BU, self.history_BH, self.history_mask_BH)
+
+    @property
+    def next_state(self) -> StateBatch:
+        return StateBatch(self.next_user_obs_BU, self.next_history_BH, self.next_history_mask_BH)
+
+    @property
+    def clicked_B(self) -> torch.Tensor:
+        """bool: the user consumed an item of the slate."""
+        return self.chosen_B >= 0
+
+    def clone(self) -> TransitionBatch:
+        """A deep copy (tests use it to check a learner left its batch alone)."""
+        return TransitionBatch(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+
+
+def _views_arrays(views: Sequence[UserView], spec: WorldSpec):
+    B, H, U = len(views), spec.history_len, spec.user_obs_dim
+    obs_BU = np.zeros((B, U), np.float32)
+    hist_BH = np.full((B, H), -1, np.int64)
+    if U:
+        rows = [view.observation for view in views]
+        if all(len(r) == U for r in rows):  # the common case: one conversion for the batch
+            obs_BU[:] = np.asarray(rows, np.float32).reshape(B, U)
+        else:
+            for b, r in enumerate(rows):
+                o = np.asarray(r, np.float32)[:U]
+                obs_BU[b, : o.shape[0]] = o
+    for b, view in enumerate(views):
+        recent = view.history[-H:]
+        if recent:
+            hist_BH[b, : len(recent)] = recent
+    return obs_BU, hist_BH
+
+
+def _candidate_arrays(cands: Sequence[Sequence[int]], feats: Sequence[Sequence], spec: WorldSpec):
+    B, F = len(cands), spec.item_feature_dim
+    N = max((len(c) for c in cands), default=0)
+    if N and all(len(c) == N for c in cands) and (
+            not F or all(len(r) == N and len(r[0]) == F for r in feats)):
+        # Every row full and well-formed: one numpy conversion each, no Python loop.
+        ids_BN = np.asarray(cands, np.int64).reshape(B, N)
+        feat_BNF = (np.asarray(feats, np.float32).reshape(B, N, F) if F
+                    else np.zeros((B, N, 0), np.float32))
+        return ids_BN, feat_BNF
+    ids_BN = np.full((B, N), -1, np.int64)
+    feat_BNF = np.zeros((B, N, F), np.float32)
+    for b, (ids, rows) in enumerate(zip(cands, feats, strict=True)):
+        if ids:
+            ids_BN[b, : len(ids)] = ids
+        if F and len(rows):
+            f = np.asarray(rows, np.float32).reshape(len(rows), -1)[:, :F]
+            feat_BNF[b, : f.shape[0], : f.shape[1]] = f
+    return ids_BN, feat_BNF
+
+
+def _slate_lookup(slates_BK: np.ndarray, ids_BN: np.ndarray, feat_BNF: np.ndarray):
+    """Index of each slate item among its row's candidates (-1 if absent), and its features."""
+    B, K = slates_BK.shape
+    if ids_BN.shape[1] == 0:  # whole-catalogue requests: nothing to look up
+        return np.full((B, K), -1, np.int64), np.zeros((B, K, feat_BNF.shape[2]), np.float32)
+    match_BKN = (slates_BK[:, :, None] == ids_BN[:, None, :]) & (slates_BK[:, :, None] >= 0)
+    found_BK = match_BKN.any(-1)
+    idx_BK = np.where(found_BK, match_BKN.argmax(-1), -1).astype(np.int64)
+    feat_BKF = np.take_along_axis(feat_BNF, np.maximum(idx_BK, 0)[:, :, None], axis=1)
+    return idx_BK, feat_BKF * found_BK[:, :, None]
+
+
+def _slates(slates: Sequence[Sequence[int]], K: int) -> np.ndarray:
+    out_BK = np.full((len(slates), K), -1, np.int64)
+    for b, items in enumerate(slates):
+        items = list(items)[:K]
+        if items:
+            out_BK[b, : len(items)] = items
+    return out_BK
+
+
+def to_batch(transitions: Sequence[Transition], spec: WorldSpec) -> TransitionBatch:
+    """Stack transitions into tensors (rows whose ``next_slate`` is empty get
+    ``next_slate_mask_B`` False: the episode ended or the successor is unknown)."""
+    if not transitions:
+        raise ValueError("to_batch needs at least one transition")
+    B, K = len(transitions), spec.slate_size
+    obs_BU, hist_BH = _views_arrays([t.state for t in transitions], spec)
+    nobs_BU, nhist_BH = _views_arrays([t.next_state for t in transitions], spec)
+    ids_BN, feat_BNF = _candidate_arrays(
+        [t.candidates for t in transitions], [t.candidate_features for t in transitions], spec
+    )
+    slate_BK = _slates([t.slate for t in transitions], K)
+    idx_BK, sfeat_BKF = _slate_lookup(slate_BK, ids_BN, feat_BNF)
+    prop_BK = np.zeros((B, K), np.float32)
+    chosen_B = np.full(B, -1, np.int64)
+    for b, t in enumerate(transitions):
+        p = np.asarray(t.propensities, np.float32)[:K]
+        prop_BK[b, : p.shape[0]] = p
+        if t.chosen_item is not None:
+            pos = t.chosen_position
+            if pos is None or pos >= K or slate_BK[b, pos] != t.chosen_item:
+                hits = np.flatnonzero(slate_BK[b] == t.chosen_item)
+                pos = int(hits[0]) if hits.size else -1
+            chosen_B[b] = pos
+    # The next request's slate and candidates (zero-width rows where there is no successor).
+    has_next_B = np.array([len(t.next_slate) > 0 for t in transitions], bool)
+    nslate_BK = _slates([t.next_slate for t in transitions], K)
+    nids_BN, nfeat_BNF = _candidate_arrays(
+        [t.next_candidates for t in transitions],
+        [t.next_candidate_features for t in transitions], spec
+    )
+    _, nsfeat_BKF = _slate_lookup(nslate_BK, nids_BN, nfeat_BNF)
+    t_ = torch.from_numpy
+    return TransitionBatch(
+        user_obs_BU=t_(obs_BU),
+        history_BH=t_(hist_BH),
+        history_mask_BH=t_(hist_BH >= 0),
+        next_user_obs_BU=t_(nobs_BU),
+        next_history_BH=t_(nhist_BH),
+        next_history_mask_BH=t_(nhist_BH >= 0),
+        slate_BK=t_(slate_BK),
+        slate_mask_BK=t_(slate_BK >= 0),
+        slate_cand_idx_BK=t_(idx_BK),
+        propensities_BK=t_(prop_BK),
+        candidates_BN=t_(ids_BN),
+        candidates_mask_BN=t_(ids_BN >= 0),
+        cand_features_BNF=t_(feat_BNF),
+        slate_features_BKF=t_(sfeat_BKF),
+        chosen_B=t_(chosen_B),
+        chosen_item_B=t_(np.array([-1 if t.chosen_item is None else t.chosen_item
+                                   for t in transitions], np.int64)),
+        reward_B=t_(np.array([t.reward for t in transitions], np.float32)),
+        done_B=t_(np.array([float(t.done) for t in transitions], np.float32)),
+        next_slate_mask_B=t_(has_next_B),
+        next_slate_BK=t_(nslate_BK),
+        next_slate_item_mask_BK=t_(nslate_BK >= 0),
+        next_slate_features_BKF=t_(nsfeat_BKF),
+        next_candidates_BN=t_(nids_BN),
+        next_candidates_mask_BN=t_(nids_BN >= 0),
+        next_cand_features_BNF=t_(nfeat_BNF),
+    )
+
+
+def request_batch(observation: Observation, candidates: Candidates, spec: WorldSpec) -> RequestBatch:
+    """One serving request as a batch of size 1, laid out exactly like ``to_batch``'s rows."""
+    view = UserView(
+        observation=[float(x) for x in np.asarray(observation.user_obs).reshape(-1)],
+        history=[int(i) for i in observation.history],
+    )
+    obs_BU, hist_BH = _views_arrays([view], spec)
+    ids_N = np.asarray(candidates.ids, np.int64).reshape(-1)
+    F = spec.item_feature_dim
+    feat_NF = np.zeros((ids_N.shape[0], F), np.float32)
+    given = np.asarray(candidates.features_NF, np.float32)
+    if F and given.size:
+        given = given.reshape(ids_N.shape[0], -1)[:, :F]
+        feat_NF[:, : given.shape[1]] = given
+    return RequestBatch(
+        state=StateBatch(torch.from_numpy(obs_BU), torch.from_numpy(hist_BH),
+                         torch.from_numpy(hist_BH >= 0)),
+        candidates_BN=torch.from_numpy(ids_N[None, :].copy()),
+        candidates_mask_BN=torch.ones((1, ids_N.shape[0]), dtype=torch.bool),
+        cand_features_BNF=torch.from_numpy(feat_NF[None]),
+    )
+
+
+def whole_catalogue(spec: WorldSpec) -> Candidates:
+    """Every item, with zero-valued features: what a policy ranks when a request names no
+    candidates (the catalogue's features are not part of the request)."""
+    return Candidates(ids=np.arange(spec.n_items, dtype=np.int64),
+                      features_NF=np.zeros((spec.n_items, spec.item_feature_dim), np.float32))

@@ -1,0 +1,88 @@
+"""Algorithms by name, imported lazily so a process only loads the one it runs.
+
+    agent = make_agent("slateq", spec, seed=0, lr=1e-3)      # learning side
+    policy = load_policy("slateq", tensors, manifest, spec)   # serving side, inference only
+
+Each name maps to a module in ``recloop.learner.algorithms`` plus config overrides that define the
+variant ("slateq_myopic" is SlateQ with γ = 0, the paper's MYOP-TS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from recloop.learner.spec import WorldSpec
+
+_ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mf": ("recloop.learner.algorithms.mf", {}),
+    "wolpertinger": ("recloop.learner.algorithms.wolpertinger", {}),
+    "drr": ("recloop.learner.algorithms.drr", {}),
+    "reinforce": ("recloop.learner.algorithms.reinforce", {}),
+    "slateq": ("recloop.learner.algorithms.slateq", {}),
+    "slateq_myopic": ("recloop.learner.algorithms.slateq", {"gamma": 0.0}),
+}
+
+
+class UnknownAlgorithmError(KeyError):
+    """The name is not in the registry; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+def names() -> list[str]:
+    """Every registered algorithm name."""
+    return list(_ALGORITHMS)
+
+
+def _entry(name: str) -> tuple[str, dict[str, Any]]:
+    try:
+        return _ALGORITHMS[name]
+    except KeyError:
+        raise UnknownAlgorithmError(
+            f"unknown algorithm {name!r}; known: {', '.join(names())}"
+        ) from None
+
+
+def module(name: str) -> ModuleType:
+    """The algorithm's module (imports it on first use)."""
+    return importlib.import_module(_entry(name)[0])
+
+
+def make_config(name: str, **overrides: Any):
+    """The variant's frozen ``Config`` with ``overrides`` applied (unknown fields are an error)."""
+    mod = module(name)
+    merged = {**_entry(name)[1], **overrides}
+    known = {f.name for f in dataclasses.fields(mod.Config)}
+    bad = sorted(set(merged) - known)
+    if bad:
+        raise TypeError(f"{name}: unknown config field(s) {bad}; known: {sorted(known)}")
+    return mod.Config(**merged)
+
+
+def make_agent(name: str, spec: WorldSpec, seed: int, **overrides: Any):
+    """A fresh learning agent for ``name`` (``overrides`` are Config fields)."""
+    mod = module(name)
+    return getattr(mod, _agent_class(mod))(make_config(name, **overrides), spec, seed)
+
+
+def load_policy(name: str, tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec):
+    """An inference-only policy from a snapshot's tensors and manifest."""
+    return module(name).load_policy(tensors, manifest, spec)
+
+
+def _agent_class(mod: ModuleType) -> str:
+    # Defined in the module itself: an imported base class (learner.agent) does not count.
+    agents = [
+        n for n in dir(mod)
+        if n.endswith("Agent") and not n.startswith("_")
+        and getattr(getattr(mod, n), "__module__", None) == mod.__name__
+    ]  # fmt: skip
+    if len(agents) != 1:
+        raise TypeError(f"{mod.__name__} must define exactly one *Agent class, found {agents}")
+    return agents[0]

@@ -1,0 +1,159 @@
+"""A world = document model + user model + choice model; a Simulation steps users through it.
+
+``World`` is immutable (catalogue, models, sizes). ``Simulation`` holds the mutable state of
+a fixed number of user slots and three generators spawned from one seed: one for the user
+model (sampling users, interest coin flips), one for the document model (candidate sets)
+and one for the choice model (clicks). Steps act on any subset of slots at once, so the
+in-process runner can step everyone together while the Kafka shell steps whoever's slate
+has just arrived.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from recloop.producer_sim.choice import ChoiceModel, sample
+from recloop.producer_sim.documents import Catalogue, sample_candidates
+from recloop.producer_sim.users import InterestUsers, Population
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """What a learner needs to know to be built for a world."""
+
+    name: str
+    n_items: int
+    user_obs_dim: int
+    item_feature_dim: int
+    slate_size: int
+    num_candidates: int
+    """Candidates offered per request; 0 means the whole catalogue (retrieve yourself)."""
+
+
+@dataclass(frozen=True)
+class World:
+    """Everything static about a simulated world."""
+
+    name: str
+    catalogue: Catalogue
+    users: InterestUsers
+    choice: ChoiceModel
+    slate_size: int
+    num_candidates: int
+
+    def __post_init__(self) -> None:
+        if self.users.config.dim != self.catalogue.feature_dim:
+            raise ValueError("user interest and item feature dimensions differ")
+        pool = self.num_candidates or self.catalogue.n_items
+        if not 1 <= self.slate_size <= pool:
+            raise ValueError(f"slate size {self.slate_size} must be in [1, {pool}]")
+
+    @property
+    def spec(self) -> WorldSpec:
+        return WorldSpec(
+            name=self.name,
+            n_items=self.catalogue.n_items,
+            user_obs_dim=self.users.config.dim,
+            item_feature_dim=self.catalogue.feature_dim,
+            slate_size=self.slate_size,
+            num_candidates=self.num_candidates,
+        )
+
+    def item_features(self, ids: np.ndarray) -> np.ndarray:
+        """Observable features of item ids (any shape) -> ``ids.shape + (F,)``, float32."""
+        return self.catalogue.features(ids)
+
+    def click_probabilities(self, user_obs_UD: np.ndarray, slate_UK: np.ndarray) -> np.ndarray:
+        """True choice probabilities (U, K + 1; last column: no click) of users whose interests
+        are ``user_obs_UD`` for the given slates. Ground truth: only baselines may use it."""
+        affinity_UK = self.users.affinity(
+            user_obs_UD.astype(np.float64), self.item_features(slate_UK)
+        )
+        return self.choice.probabilities(affinity_UK)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What happened to each stepped user (rows follow the ``slots`` passed to ``step``)."""
+
+    position_U: np.ndarray  # int64, chosen slate position or -1 for no click
+    item_U: np.ndarray  # int64, clicked item id or -1
+    reward_U: np.ndarray  # float64, watch time (0 without a click)
+    quality_U: np.ndarray  # float64, clicked item's quality (0 without a click)
+    done_U: np.ndarray  # bool, the session is over
+
+
+class Simulation:
+    """The live users of one run of a world, reproducible from ``seed``."""
+
+    def __init__(self, world: World, capacity: int, seed: int) -> None:
+        self.world = world
+        user_ss, doc_ss, choice_ss = np.random.SeedSequence(seed).spawn(3)
+        self.rng_users = np.random.default_rng(user_ss)
+        self.rng_documents = np.random.default_rng(doc_ss)
+        self.rng_choice = np.random.default_rng(choice_ss)
+        self.pop = Population.empty(capacity, world.users.config.dim)
+        self.users_started = 0
+
+    def spawn(self, slots: np.ndarray) -> None:
+        """Put fresh users into ``slots``, numbered in order."""
+        slots = np.asarray(slots, dtype=np.int64)
+        pop = self.pop
+        pop.interests_UD[slots], pop.budget_U[slots] = self.world.users.sample(
+            len(slots), self.rng_users
+        )
+        pop.steps_U[slots] = 0
+        pop.return_U[slots] = 0.0
+        pop.clicks_U[slots] = 0
+        pop.clicked_quality_U[slots] = 0.0
+        pop.serial_U[slots] = self.users_started + np.arange(len(slots))
+        pop.active_U[slots] = True
+        self.users_started += len(slots)
+
+    def retire(self, slots: np.ndarray) -> None:
+        self.pop.active_U[np.asarray(slots, dtype=np.int64)] = False
+
+    def observe(self, slots: np.ndarray) -> np.ndarray:
+        """Observations of ``slots``, shape (U, D) float64 (see ``InterestUsers.observe``)."""
+        return self.world.users.observe(self.pop.interests_UD[slots])
+
+    def candidates(self, slots: np.ndarray) -> np.ndarray | None:
+        """A fresh candidate set per slot, shape (U, C), or None for the whole catalogue."""
+        if self.world.num_candidates == 0:
+            return None
+        return sample_candidates(
+            self.world.catalogue.n_items, len(slots), self.world.num_candidates, self.rng_documents
+        )
+
+    def step(self, slots: np.ndarray, slate_UK: np.ndarray) -> StepOutcome:
+        """Show each slot its slate; sample the response; update and score the users."""
+        slots = np.asarray(slots, dtype=np.int64)
+        world, pop, cat = self.world, self.pop, self.world.catalogue
+        interests_UD = pop.interests_UD[slots]
+        features_UKF = world.item_features(slate_UK)
+        probs_UK1 = world.choice.probabilities(world.users.affinity(interests_UD, features_UKF))
+        position_U = sample(probs_UK1, self.rng_choice)
+        clicked_U = position_U >= 0
+        rows_U = np.arange(len(slots))
+        item_U = np.where(clicked_U, slate_UK[rows_U, np.maximum(position_U, 0)], -1)
+        safe_item_U = np.maximum(item_U, 0)
+        watch_U = np.where(
+            clicked_U, np.minimum(pop.budget_U[slots], cat.length_N[safe_item_U]), 0.0
+        )
+        quality_U = np.where(clicked_U, cat.quality_N[safe_item_U], 0.0)
+
+        if clicked_U.any():
+            who = np.flatnonzero(clicked_U)
+            pop.interests_UD[slots[who]] = world.users.update_interests(
+                interests_UD[who],
+                features_UKF[who, position_U[who]].astype(np.float64),
+                self.rng_users,
+            )
+        pop.budget_U[slots] = world.users.spend(pop.budget_U[slots], clicked_U, watch_U, quality_U)
+        pop.steps_U[slots] += 1
+        pop.return_U[slots] += watch_U
+        pop.clicks_U[slots] += clicked_U
+        pop.clicked_quality_U[slots] += quality_U
+        return StepOutcome(position_U, item_U, watch_U, quality_U, pop.budget_U[slots] <= 0.0)

@@ -1,0 +1,1 @@
+"""Alembic migrations for recloop's storage schema (applied by ``recloop.storage.migrate``)."""

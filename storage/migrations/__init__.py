@@ -1,1 +1,0 @@
-"""Alembic migrations for recloop's storage schema (applied by ``storage.migrate``)."""
