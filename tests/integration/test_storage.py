@@ -103,8 +103,8 @@ def test_concurrent_migrations_from_several_processes_take_turns(db_url):
     # (a thread lock would hide a missing database lock), released together once each has
     # imported, so their migrations truly overlap; without the lock one of two fails.
     code = (
-        "import sys, storage; print('ready', flush=True); sys.stdin.readline(); "
-        "print(recloop.storage.migrate(sys.argv[1]))"
+        "import sys; from recloop import storage; print('ready', flush=True); "
+        "sys.stdin.readline(); print(storage.migrate(sys.argv[1]))"
     )
     procs = [
         subprocess.Popen(
