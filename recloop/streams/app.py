@@ -8,12 +8,12 @@ sessions that went quiet (``fold.expire``).
 
 Why it looks the way it does:
 
-- Batches straight from the consumer's fetches (``streams.consumer``): faust's cost is per
-  record it handles, and its per-record route (fetch loop, conductor, channel, stream,
-  ``take_events``) cost ~4x the fold itself, which capped a worker far below 10k records/s.
-  The worker's consumer therefore hands each fetch to ``process_batch`` as one list; faust
-  still runs the group, the assignment, table recovery, flow control across rebalances,
-  offset tracking and commits. The ``fold`` agent subscribes the topics (so they are in
+- Batches straight from the consumer's fetches (``streams.faust_internals``): faust's cost
+  is per record it handles, and its per-record route (fetch loop, conductor, channel,
+  stream, ``take_events``) cost ~4x the fold itself, which capped a worker far below 10k
+  records/s. The worker's consumer therefore hands each fetch to ``process_batch`` as one
+  list; faust still runs the group, the assignment, table recovery, flow control across
+  rebalances, offset tracking and commits. The ``fold`` agent subscribes the topics (so they are in
   the group's assignment, co-partitioned with the table) and serves faust's test context;
   both routes end in ``process_batch``.
 - One handler for both topics, not one per topic: a user's state is read, folded and
@@ -33,6 +33,9 @@ Why it looks the way it does:
   (``streams.sender``): per-record sends cost a quarter of the worker's CPU.
 - The table's in-memory store holds decoded states (recovery fills it with the changelog's
   bytes, decoded on first use); the wire only ever sees ``recloop.core.codec`` bytes.
+- faust's and aiokafka's internals (batch delivery, the producer's record batches, writing
+  the table's store without a changelog record per write) are used only through
+  ``streams.faust_internals``, which refuses library versions it was not checked against.
 - No standby replicas: the expiry sweep must only see partitions this worker owns.
 
 Build it with ``create_app(settings, config)`` at the entry point; nothing happens at import.
@@ -56,7 +59,11 @@ from recloop.core.dlq import dlq_headers
 from recloop.core.settings import Settings
 from recloop.core.topics import DLQ_SUFFIX
 from recloop.streams.batch import BatchFolder, BatchResult, RawRecord, as_state, decode_state
-from recloop.streams.consumer import install
+from recloop.streams.faust_internals import (
+    aiokafka_producer,
+    install_batch_delivery,
+    table_store,
+)
 from recloop.streams.fold import FoldConfig, FoldState, expire
 from recloop.streams.sender import BatchSender, send_transitions_then_states
 
@@ -108,9 +115,10 @@ class KafkaSink:
     """Sends through faust's producer, a whole record batch per topic-partition at a time.
 
     ``flush`` sends the transitions, acknowledged, before the states that count them as sent
-    (``streams.sender.send_transitions_then_states``). faust flushes the producer before it commits offsets, so no offset is committed before
-    its states are on the broker either. A failed state delivery is kept and raised by
-    ``check``; a failed transition delivery raises from ``flush``.
+    (``streams.sender.send_transitions_then_states``). faust flushes the producer before it
+    commits offsets, so no offset is committed before its states are on the broker either.
+    A failed state delivery is kept and raised by ``check``; a failed transition delivery
+    raises from ``flush``.
     """
 
     def __init__(self, app: faust.App, settings: Settings) -> None:
@@ -121,11 +129,6 @@ class KafkaSink:
         self._states = BatchSender()
         self._transitions = BatchSender()
         self.error: BaseException | None = None
-
-    def _producer(self) -> Any:
-        # faust's Producer wraps an AIOKafkaProducer; batches go to it directly (faust 0.15's
-        # private accessor, pinned in the lock file).
-        return self._app.producer._ensure_producer()  # type: ignore[attr-defined]
 
     def _on_delivery(self, fut: asyncio.Future) -> None:
         if not fut.cancelled() and fut.exception() is not None and self.error is None:
@@ -144,7 +147,7 @@ class KafkaSink:
 
     async def flush(self) -> None:
         deliveries = await send_transitions_then_states(
-            self._producer(), self._transitions, self._states
+            aiokafka_producer(self._app), self._transitions, self._states
         )
         for delivery in deliveries:
             delivery.add_done_callback(self._on_delivery)
@@ -177,9 +180,11 @@ class StreamsApp:
         self.config = config
         topics = settings.topics
         self.app = faust.App(config.app_id, **_faust_options(settings, config))
-        # The worker's records skip faust's per-record delivery (see streams.consumer); the
-        # agent below still subscribes the topics and serves faust's test context.
-        install(self.app, {topics.slates: self._on_batch, topics.feedback: self._on_batch})
+        # The worker's records skip faust's per-record delivery (see streams.faust_internals);
+        # the agent below still subscribes the topics and serves faust's test context.
+        install_batch_delivery(
+            self.app, {topics.slates: self._on_batch, topics.feedback: self._on_batch}
+        )
         # The compacted session.state topic *is* the table's changelog: serving reads the
         # same records recovery replays, and each state change is sent once, not twice.
         changelog = self.app.topic(
@@ -225,7 +230,7 @@ class StreamsApp:
     async def process_batch(self, records: list[RawRecord]) -> BatchResult:
         """Fold one batch, store each touched user's state once, send the results."""
         async with self._lock:
-            data = self.table.data
+            data = table_store(self.table)
             result = self.folder.fold(records, data.get)
             sink = self.sink
             # Transitions go out before the states that already count them as sent: a state
@@ -278,10 +283,11 @@ class StreamsApp:
         owned = self.owned_partitions() if owned is None else owned
         ended = 0
         async with self._lock:
+            store = table_store(self.table)
             for key, (partition, last_ts) in list(self.open_sessions.items()):
                 if partition not in owned or now - last_ts < timeout:
                     continue
-                stored = as_state(self.table.data.get(key))
+                stored = as_state(store.get(key))
                 if stored is None:
                     self.open_sessions.pop(key, None)
                     continue
@@ -289,7 +295,7 @@ class StreamsApp:
                 for transition in out:  # before the state, as in process_batch
                     await self.sink.transition(key, partition, codec.encode(transition))
                 await self.sink.state(key, partition, codec.encode(state))
-                self.table.data[key] = state
+                store[key] = state
                 self._track(key, partition, state)
                 ended += 1
             await self.sink.flush()

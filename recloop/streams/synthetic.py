@@ -119,7 +119,7 @@ def causal_events(cfg: SyntheticConfig) -> list[Record]:
 
 def split_topics(records: list[Record]) -> tuple[list[Record], list[Record]]:
     """The slates (``rec.slates``) and the feedback (``rec.feedback``), each in order."""
-    slates = [r for r in records if isinstance(r, SlateServed)]
+    slates: list[Record] = [r for r in records if isinstance(r, SlateServed)]
     feedback = [r for r in records if not isinstance(r, SlateServed)]
     return slates, feedback
 

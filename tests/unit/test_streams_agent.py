@@ -19,6 +19,11 @@ from recloop.core.settings import Settings
 from recloop.streams import fold
 from recloop.streams.app import StreamsApp, StreamsConfig, create_app
 from recloop.streams.batch import RawRecord
+from recloop.streams.faust_internals import (
+    installed_batch_handlers,
+    merge_by_handler,
+    table_store,
+)
 from recloop.streams.synthetic import SyntheticConfig, causal_events
 
 
@@ -97,7 +102,7 @@ def test_agent_emits_the_folds_transitions_and_one_state_per_user_per_batch(tmp_
     # The last state sent per user is the table's, and serving can read it as SessionState.
     last = {k: v for k, _, v in sink.states}
     for key, value in last.items():
-        assert codec.encode(streams.table.data[key]) == value
+        assert codec.encode(table_store(streams.table)[key]) == value
         assert codec.decode(value, SessionState).ended
     assert sink.dead == []
 
@@ -105,17 +110,13 @@ def test_agent_emits_the_folds_transitions_and_one_state_per_user_per_batch(tmp_
 def test_the_workers_consumer_hands_whole_fetches_to_the_same_batch_fold(tmp_path):
     from faust.types.tuples import Message
 
-    from recloop.streams.consumer import BatchConsumer, _by_handler
-
     events = causal_events(SyntheticConfig(users=5, sessions=2, steps=2, seed=4))
     streams, sink = make_app(tmp_path)
-    consumer_cls = streams.app.transport.Consumer
-    assert issubclass(consumer_cls, BatchConsumer)
     topics = streams.settings.topics
-    handlers = consumer_cls.batch_handlers
+    handlers = installed_batch_handlers(streams.app)
     assert set(handlers) == {topics.slates, topics.feedback}
     # One fold over both topics: a fetch's slates and feedback go to one call.
-    merged = _by_handler({topics.slates: ["s"], topics.feedback: ["f"]}, handlers)
+    merged = merge_by_handler({topics.slates: ["s"], topics.feedback: ["f"]}, handlers)
     assert list(merged.values()) == [["s", "f"]]
     slate_type = type(events[0])
     fetched = [
@@ -187,14 +188,23 @@ def test_idle_sessions_expire_on_owned_partitions_only(tmp_path):
     (key, partition, t), = sink.transitions  # fmt: skip
     assert (key, partition, t.done, t.request_id) == (b"u0", 0, True, "u0-s0-r0")
     assert set(streams.open_sessions) == {b"u1"}
-    assert msgspec.structs.asdict(streams.table.data[b"u0"])["ended"] is True
+    assert msgspec.structs.asdict(table_store(streams.table)[b"u0"])["ended"] is True
 
 
-@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"batch_within_s": 0.0}])
-def test_worker_options_are_checked(bad):
-    from recloop.streams.worker import parse_config
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--batch-size", "0"), ("--batch-within", "0"), ("--session-timeout", "0")],
+)
+def test_worker_options_are_checked(option, value, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
 
-    args = ["--batch-size", str(bad.get("batch_size", 10)),
-            "--batch-within", str(bad.get("batch_within_s", 0.1))]  # fmt: skip
-    with pytest.raises(SystemExit):
-        parse_config(args)
+    from recloop.cli import _register, app
+
+    _register()
+    # An unreachable broker: a bad option must be refused before the broker is checked.
+    monkeypatch.setenv("RECLOOP_KAFKA_BOOTSTRAP", "127.0.0.1:1")
+    monkeypatch.setenv("RECLOOP_HOME", str(tmp_path))
+    result = CliRunner().invoke(app, ["streams", option, value])
+    assert result.exit_code == 2, result.output
+    assert option in " ".join(result.output.split())
+    assert "RECLOOP_KAFKA_BOOTSTRAP" not in result.output  # refused before the broker check
