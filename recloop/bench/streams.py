@@ -88,11 +88,12 @@ def run_faust(settings: Settings, cfg: BenchConfig, want: int, work: Path) -> di
         "RECLOOP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "RECLOOP_TOPIC_PREFIX": settings.topic_prefix,
         "RECLOOP_PARTITIONS": str(settings.partitions),
+        "RECLOOP_METRICS_PORT": "0",  # never the port a running demo's worker holds
     }
     cmd = [
-        sys.executable, "-m", "recloop.streams.worker", "--app-id", f"{settings.topic_prefix}streams",
-        "--data-dir", str(work / "faust"), "--batch-size", str(cfg.batch_size),
-        "--session-timeout", "1e12",
+        sys.executable, "-m", "recloop", "streams", "--no-create",  # _measure made them
+        "--app-id", f"{settings.topic_prefix}streams", "--data-dir", str(work / "faust"),
+        "--batch-size", str(cfg.batch_size), "--session-timeout", "1e12",
     ]  # fmt: skip
     log = open(work / "worker.log", "wb")  # noqa: SIM115 - handed to the process
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -1,8 +1,8 @@
 """The streams worker on the real broker: exact transitions, crash recovery, scale-out, DLQ.
 
-Every worker runs as its own process (``python -m recloop.streams.worker``), as in production, with a
-unique app id and data dir; the ``workers`` fixture kills each one by pid at the end, also
-when a test fails. Expected transitions come from folding the same events in causal order
+Every worker runs as its own process, started with the ``recloop streams`` command line as in
+production, with a unique app id and data dir; the ``workers`` fixture kills each one by pid
+at the end, also when a test fails. Expected transitions come from folding the same events in causal order
 with the pure fold, so "exactly" means: the same ids with the same content, none missing,
 none duplicated (after a kill -9, re-emissions must repeat an id with identical content).
 """
@@ -58,11 +58,13 @@ class Workers:
             "RECLOOP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
             "RECLOOP_TOPIC_PREFIX": settings.topic_prefix,
             "RECLOOP_PARTITIONS": str(settings.partitions),
+            "RECLOOP_METRICS_PORT": "0",  # two workers in one test would share the port
         }
         log = open(self.tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         cmd = [
-            sys.executable, "-m", "recloop.streams.worker", "--app-id", app_id,
-            "--data-dir", str(self.tmp_path / name), "--batch-within", "0.02",
+            sys.executable, "-m", "recloop", "streams", "--no-create",  # the fixture made them
+            "--app-id", app_id, "--data-dir", str(self.tmp_path / name),
+            "--batch-within", "0.02",
             "--session-timeout", "1e9",  # synthetic timestamps are years old
         ]  # fmt: skip
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
