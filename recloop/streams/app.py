@@ -321,7 +321,7 @@ def _faust_options(settings: Settings, config: StreamsConfig) -> dict[str, Any]:
         # A standby copy would make the sweep see (and expire) other workers' sessions.
         "table_standby_replicas": 0,
         "consumer_auto_offset_reset": "earliest",
-        # One fetch is one folded batch (streams.consumer), so this bounds the batch.
+        # One fetch is one folded batch (streams.faust_internals), so this bounds the batch.
         "broker_max_poll_records": config.batch_size,
         # A killed worker's partitions move to the others within seconds, not a minute.
         "broker_session_timeout": 10.0,
