@@ -233,13 +233,13 @@ def _apply_slate(
 def _apply_feedback(
     state: FoldState, event: Impression | Click | SessionEnd, config: FoldConfig
 ) -> tuple[FoldState, list[Transition]]:
-    if type(event) is SessionEnd:
+    if isinstance(event, SessionEnd):
         if state.view.step < event.steps:
             # The last slates (on the other topic) or their outcomes are still on their way;
             # wait for them so the terminal transition is the right one.
             return _buffer(state, event, config), []
         return _end_session(state, event.ts, config)
-    request_id = event.request_id  # type: ignore[union-attr]
+    request_id = event.request_id
     index = -1
     for i, p in enumerate(state.pending):
         if p.request_id == request_id:
@@ -250,8 +250,8 @@ def _apply_feedback(
             return state, []  # feedback repeated after its slate's transition went out
         return _buffer(state, event, config), []
     before = state.pending[index]
-    _check_matches(before, event)  # type: ignore[arg-type]
-    if type(event) is Impression:
+    _check_matches(before, event)
+    if isinstance(event, Impression):
         if event.position in before.impressed_positions:
             return state, []
         slate = _replace(
@@ -267,7 +267,7 @@ def _apply_feedback(
             before,
             chosen_position=event.position,
             click_expected=True,
-            reward=event.reward,  # type: ignore[union-attr]
+            reward=event.reward,
             outcome_ts=max(before.outcome_ts, event.ts),
         )
     pending = list(state.pending)
