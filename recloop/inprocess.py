@@ -8,12 +8,19 @@
                              episodes=300, seed=2)
     paired.difference("slateq", "random")    # mean ± 95% CI of the per-episode difference
 
-The same pure cores as the product path, wired directly instead of through topics:
-producer_sim's runner emits the wire events (RecRequest, SlateServed, Impression, Click,
-SessionEnd, EpisodeOutcome) to a sink; slates and feedback go through the streams fold
-``apply(state, event) -> (state, transitions)``; transitions go to ``agent.learn_many`` in
-chunks of ``learn_chunk`` (as the Kafka learner consumes in batches); and the agent's live
-policy answers the runner's next requests, so it serves what it has learned so far.
+``train`` runs the product's own services on the in-memory bus (``recloop.core.membus``),
+round-robin in one thread: ``SimService`` (requests out, slates in, feedback out),
+``FoldStep`` (the streams fold: transitions and session.state), ``LearnerService``
+(``learn_many`` on chunks of at most ``learn_chunk``, snapshots announced on
+policy.snapshots) and ``ServeService`` (``SlateServer``: traffic split, fallback,
+exploration). Only the snapshot store differs: an announcement installs the agent's *live*
+policy, the object that keeps learning, so serving answers with what it has learned so far;
+the learner announces version 1 before the first request, so no slate of training comes
+from the fallback unless a test asks for one (``serve_from_start=False``).
+
+``evaluate`` and ``evaluate_paired`` (learning off) drive ``producer_sim.runner`` with the
+policy directly: common random numbers need one simulation per episode, which the runner
+gives exactly.
 
 ``evaluate_paired`` compares policies with common random numbers: evaluation episode e runs
 in its own simulation seeded by (seed, e) for every policy, so each policy meets the same
@@ -28,15 +35,35 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from recloop.core.events import Click, Impression, Record, SessionEnd, SessionState, SlateServed
+from recloop.core.events import (
+    Click,
+    EpisodeOutcome,
+    Impression,
+    PolicyPublished,
+    Record,
+    SessionEnd,
+    SessionState,
+    SlateServed,
+)
+from recloop.core.membus import MemoryBus
+from recloop.core.settings import Settings
 from recloop.learner.spec import WorldSpec
 from recloop.producer_sim.runner import Estimate, RunReport, run_episodes
 from recloop.producer_sim.world import World
+from recloop.services.fold_step import FoldStep
+from recloop.services.learn import LearnConfig, LearnerService
+from recloop.services.serve import ServeOptions, ServeService
+from recloop.services.sim import SimConfig, SimService
+from recloop.serving.host import PolicyHost, StaleVersionError
+from recloop.serving.server import ServeConfig
+from recloop.serving.snapshots import InstallResult
+from recloop.serving.split import TrafficSplit
 from recloop.streams import fold
 
 
@@ -92,15 +119,143 @@ class TrainReport:
     last_metrics: dict[str, float]
 
 
+class LiveInstaller:
+    """Installs an announced version of a policy as the live object in ``policies``."""
+
+    def __init__(self, host: PolicyHost, policies: Mapping[str, object]) -> None:
+        self.host, self.policies = host, dict(policies)
+        self.counts: Counter[str] = Counter()
+        self.last_refusal = ""
+
+    def install(self, published: PolicyPublished) -> InstallResult:
+        name, version = published.policy, published.version
+        if name not in self.policies or not self.host.hosts(name):
+            result = InstallResult("ignored", name, version, "not a policy this loop serves")
+        else:
+            try:
+                self.host.swap(name, version, self.policies[name],  # type: ignore[arg-type]
+                               algorithm=published.algorithm)  # fmt: skip
+                result = InstallResult("swapped", name, version)
+            except StaleVersionError as exc:
+                result = InstallResult("stale", name, version, str(exc))
+        self.counts[result.status] += 1
+        return result
+
+
+class LiveSnapshots:
+    """The learner's snapshot store in process: announcements only, nothing written."""
+
+    def latest(self, policy: str) -> None:
+        return None
+
+    def write(self, policy: str, version: int, agent, ids: list[str],
+              manifest: dict) -> PolicyPublished:  # fmt: skip
+        return PolicyPublished(
+            policy=policy, algorithm=manifest["algorithm"], version=version, path="",
+            weights_sha256="", manifest_sha256="", created_ts=time.time(),
+            transitions_applied=manifest["transitions_applied"], metrics=manifest["metrics"],
+        )  # fmt: skip
+
+
+@dataclass
+class Loop:
+    """The four services of one in-process run on one ``MemoryBus``."""
+
+    bus: MemoryBus
+    sim: SimService
+    streams: FoldStep
+    learners: list[LearnerService]
+    serve: ServeService
+    learn_s: float = 0.0
+
+    def round(self) -> bool:
+        """One round of every service; False once the simulator is done."""
+        going = self.sim.step()
+        self.streams.step()
+        for learner in self.learners:
+            started = time.perf_counter()
+            learner.step(timeout=0.0)
+            self.learn_s += time.perf_counter() - started
+        self.serve.step()
+        return going
+
+    def run(self) -> None:
+        """Rounds until the simulator is done, then until the last transitions are learned."""
+        while self.round():
+            pass
+        while self.streams.step():
+            pass
+        for learner in self.learners:
+            while learner.step(timeout=0.0):
+                pass
+
+    def report(self, world: World, policy_name: str, started: float) -> RunReport:
+        return report_of(world.name, policy_name, self.sim.stats.kept_outcomes,
+                         time.perf_counter() - started)  # fmt: skip
+
+
+def report_of(world: str, policy: str, outcomes: list[EpisodeOutcome], wall_s: float) -> RunReport:
+    """A RunReport from the simulator's ground-truth outcomes, in the order they finished."""
+    return RunReport(
+        world=world, policy=policy,
+        return_E=np.array([o.total_return for o in outcomes], dtype=np.float64),
+        steps_E=np.array([o.steps for o in outcomes], dtype=np.int64),
+        clicks_E=np.array([o.clicks for o in outcomes], dtype=np.int64),
+        clicked_quality_E=np.array([o.clicked_quality_sum for o in outcomes], dtype=np.float64),
+        wall_s=wall_s,
+    )  # fmt: skip
+
+
+def build_loop(world: World, agents: Mapping[str, object], episodes: int, seed: int, *,
+               split: TrafficSplit | None = None, fallback: str = "uniform",
+               epsilon: float = 0.0, learn_chunk: int = 32, users_in_parallel: int = 16,
+               snapshot_every: int = 500, run_tag: str | None = None,
+               serve_from_start: bool = True) -> Loop:  # fmt: skip
+    """The services of ``recloop`` wired on a fresh ``MemoryBus``.
+
+    ``agents`` maps policy names to agents (each learns from every transition, as one learner
+    process per policy does); ``split`` defaults to all traffic on the first one. With
+    ``serve_from_start`` each learner announces version 1 before the first request.
+    """
+    settings = Settings()
+    bus = MemoryBus(settings.partitions)
+    split = split or TrafficSplit(((next(iter(agents)), 1.0),))
+    config = SimConfig(users=min(users_in_parallel, episodes), seed=seed, max_sessions=episodes,
+                       slate_timeout_s=0.0, run_tag=run_tag or f"train{seed}",
+                       keep_outcomes=True)  # fmt: skip
+    sim = SimService(settings, config, bus=bus, world=world)
+    serve_config = ServeConfig(split=split, fallback=fallback, epsilon=epsilon,
+                               n_items=world.catalogue.n_items, seed=seed)  # fmt: skip
+    policies = {name: agent.policy() for name, agent in agents.items()}  # type: ignore[attr-defined]
+    serve = ServeService(settings, serve_config, item_features=world.item_features, bus=bus,
+                         options=ServeOptions(batch_size=10**6), installer=None)  # fmt: skip
+    serve.installer = LiveInstaller(serve.host, policies)
+    learners = []
+    for name, agent in agents.items():
+        algo = type(agent).__module__.rsplit(".", 1)[-1]
+        learn_config = LearnConfig(algo=algo, policy=name, seed=seed, poll_max=learn_chunk,
+                                   poll_timeout_s=0.0, snapshot_every_transitions=snapshot_every,
+                                   snapshot_every_s=float("inf"))  # fmt: skip
+        learner = LearnerService(settings, learn_config, spec_for(world), bus=bus,
+                                 snapshots=LiveSnapshots(), agent=agent)  # fmt: skip
+        if serve_from_start:
+            learner.publish()
+        learners.append(learner)
+    return Loop(bus, sim, FoldStep(settings, bus), learners, serve)
+
+
 def train(world: World, agent, episodes: int, seed: int, learn_chunk: int = 32,
           users_in_parallel: int = 16) -> TrainReport:
-    """Serve ``episodes`` sessions with the agent's live, exploring policy while it learns."""
-    sink = LearningSink(agent, learn_chunk)
-    policy = agent.policy()
-    run = run_episodes(world, policy, episodes, seed=seed, sink=sink,
-                       users_in_parallel=users_in_parallel, run_tag=f"train{seed}")
-    sink.flush()
-    return TrainReport(run, sink.transitions, sink.learn_s, sink.last_metrics)
+    """Serve ``episodes`` sessions with the agent's live, exploring policy while it learns,
+    through the product's services on the in-memory bus (see the module docstring)."""
+    started = time.perf_counter()
+    name = agent.policy().name
+    loop = build_loop(world, {name: agent}, episodes, seed, learn_chunk=learn_chunk,
+                      users_in_parallel=users_in_parallel)  # fmt: skip
+    loop.run()
+    learner = loop.learners[0]
+    return TrainReport(loop.report(world, name, started), learner.progress.transitions_applied,
+                       loop.learn_s, learner.metrics)  # fmt: skip
 
 
 def evaluate(world: World, policy, episodes: int, seed: int,

@@ -29,12 +29,19 @@ import numpy as np
 from recloop.core import codec
 from recloop.core.events import RecRequest, SlateServed
 from recloop.core.settings import Settings
-from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_consumer, make_producer
+from recloop.kafka.clients import (
+    DeliveryTracker,
+    flush_or_raise,
+    make_consumer,
+    make_producer,
+    produce_retrying,
+)
+from recloop.kafka.outbox import Outbox
 from recloop.producer_sim.policies import RandomPolicy
 from recloop.producer_sim.presets import make_world
 from recloop.producer_sim.runner import run_episodes
 from recloop.producer_sim.world import Simulation
-from recloop.services.sim import PRODUCER_TUNING, Outbox, SimConfig, SimService
+from recloop.services.sim import PRODUCER_TUNING, SimConfig, SimService
 
 
 def world_step_rate(preset: str, users: int = 4096, steps: int = 200, seed: int = 0) -> float:
@@ -162,12 +169,7 @@ def raw_produce_rate(settings: Settings, size: int, n: int = 300_000) -> float:
     topic = settings.topics.feedback
     t0 = time.perf_counter()
     for i in range(n):
-        while True:
-            try:
-                producer.produce(topic, value, key=b"u%d" % (i % 1000), on_delivery=tracker)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_retrying(producer, topic, b"u%d" % (i % 1000), value, on_delivery=tracker)
         if i % 1000 == 0:
             producer.poll(0)
     flush_or_raise(producer, tracker, 60)

@@ -1,9 +1,10 @@
-"""Protocols the layers meet at: what a slate policy and a snapshot store look like."""
+"""Protocols the layers meet at: a slate policy, a snapshot store, and the bus."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -62,3 +63,75 @@ class SnapshotStore(Protocol):
     def record_snapshot(self, meta: dict) -> None: ...
 
     def latest_snapshot(self, policy: str) -> dict | None: ...
+
+
+@dataclass(frozen=True)
+class BusMessage:
+    """One record as a bus carries it: raw bytes and where it sits in its topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp_ms: int = 0
+
+
+Positions = dict[tuple[str, int], int]
+"""Next offset to read per (topic, partition): one past the last record handled."""
+
+
+@runtime_checkable
+class BusConsumer(Protocol):
+    """One member of a consumer group, reading every partition assigned to it."""
+
+    def poll(self, max_records: int, timeout: float) -> list[BusMessage]:
+        """Up to ``max_records`` records, waiting at most ``timeout`` seconds (0: never)."""
+        ...
+
+    def commit(self, positions: Positions) -> None:
+        """Make ``positions`` the group's committed offsets (synchronously)."""
+        ...
+
+    def assigned(self) -> bool:
+        """Whether the group has given this member its partitions yet."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Bus(Protocol):
+    """Where the services meet: topics of ``recloop.core.topics`` partitioned by key.
+
+    ``publish`` may queue; ``flush`` returns only once every record published so far is
+    acknowledged, and raises if one was not. A consumer's group starts at its committed
+    offsets, else at the start of each partition, or at the current end with ``from_end``;
+    ``start_at(topic, partition)`` may override the start per partition (the learner
+    resumes where its snapshot stopped).
+    """
+
+    def publish(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> None: ...
+
+    def flush(self, timeout: float = 30.0) -> None: ...
+
+    def serve(self) -> None:
+        """Hand queued records on and serve delivery reports, without blocking."""
+        ...
+
+    def subscribe(
+        self,
+        topics: Sequence[str],
+        group: str,
+        *,
+        from_end: bool = False,
+        start_at: Callable[[str, int], int | None] | None = None,
+        tuning: Mapping[str, Any] | None = None,
+    ) -> BusConsumer: ...

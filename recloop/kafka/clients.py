@@ -6,7 +6,7 @@ idempotent producer, manual commits) are set in one place.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer
@@ -96,15 +96,32 @@ def produce_records(
     """
     n = 0
     for record in records:
-        value = codec.encode(record)
-        key = _as_bytes(key_fn(record))
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-                break
-            except BufferError:
-                # The local queue is full: serve delivery reports to make room, then retry.
-                producer.poll(0.1)
+        produce_retrying(producer, topic, _as_bytes(key_fn(record)), codec.encode(record),
+                         on_delivery=on_delivery)  # fmt: skip
         n += 1
         producer.poll(0)
     return n
+
+
+def produce_retrying(
+    producer: Producer,
+    topic: str,
+    key: bytes | None,
+    value: bytes,
+    headers: Sequence[tuple[str, bytes]] = (),
+    on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
+) -> None:
+    """``producer.produce`` that waits for room: the one produce-retry loop of recloop.
+
+    librdkafka raises ``BufferError`` when its local queue is full; serving delivery
+    reports (``poll``) makes room, so the record is retried until it is queued.
+    """
+    kwargs: dict[str, Any] = {"value": value, "key": key, "on_delivery": on_delivery}
+    if headers:
+        kwargs["headers"] = list(headers)
+    while True:
+        try:
+            producer.produce(topic, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.05)

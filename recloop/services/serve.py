@@ -1,19 +1,20 @@
-"""``recloop serve``'s process shell: Kafka in, the pure serving core, Kafka out.
+"""``recloop serve``'s process shell: requests in over a ``Bus``, the pure core, slates out.
 
-Three loops, one per job, so none waits for another:
+``step()`` is one round, and the in-process loop drives it: read what ``session.state`` and
+``policy.snapshots`` have (into the session cache and the pending announcements), install
+the newest pending snapshot, then answer a batch of ``rec.requests`` with
+``serving.server.SlateServer`` and publish one ``SlateServed`` per request on ``rec.slates``.
+Request offsets are committed only after the slates before them were acknowledged, so a
+crash answers a request twice, never zero times. Requests that decode but cannot be
+answered (k above the candidates, duplicate candidates, ...) are dead-lettered by the
+``Reader``, re-encoded, with the same headers.
 
-- the request loop (the caller's thread) reads ``rec.requests`` in batches through the
-  dead-letter consumer, answers them with ``serving.server.SlateServer`` and produces one
-  ``SlateServed`` per request on ``rec.slates``. It commits request offsets only after the
-  slates before them were acknowledged, so a crash answers a request twice, never zero
-  times. Requests that decode but cannot be answered (k above the candidates, duplicate
-  candidates, ...) are dead-lettered too, re-encoded, with the same headers;
-- the side loop reads the whole ``session.state`` changelog into the local cache and
-  ``policy.snapshots`` announcements (as a group of its own, from the beginning, without
-  committing: every replica needs all of both);
-- the installer loop reads, verifies and loads announced snapshots and builds their faiss
-  index, then swaps. It works off the request path, so a swap never stalls a request, and
-  keeps only the newest pending announcement per policy.
+``run()`` (the process on Kafka) runs the same rounds without their side duties, which get
+a thread each so none waits for another: the side loop reads the whole ``session.state``
+changelog and ``policy.snapshots`` (a group of its own, from the beginning, never
+committing: every replica needs all of both); the installer loop verifies, loads and
+indexes announced snapshots off the request path, so a swap never stalls a request, and
+keeps only the newest pending announcement per policy.
 """
 
 from __future__ import annotations
@@ -31,16 +32,14 @@ from typing import Any
 
 import faiss
 import numpy as np
-from confluent_kafka import KafkaException
 
 from recloop import metrics
 from recloop.core import codec
-from recloop.core.dlq import dlq_headers
 from recloop.core.events import PolicyPublished, RecRequest, SessionState, SlateServed
+from recloop.core.ports import Bus
 from recloop.core.settings import Settings
 from recloop.core.snapshot import describe_snapshot
-from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_producer, produce_records
-from recloop.kafka.dlq import Consumed, DeadLetterConsumer
+from recloop.kafka.deadletter import Consumed, Reader
 from recloop.serving.fallback import PopularityCounts
 from recloop.serving.host import PolicyHost
 from recloop.serving.server import ItemFeatures, ServeConfig, SlateServer, validate_request
@@ -84,25 +83,29 @@ class ServeStats:
 
 
 class ServeService:
-    """Wire settings, the serving core and Kafka; ``run`` until told to stop."""
+    """Wire settings, the serving core and a bus; ``step`` a round or ``run`` until stopped.
+
+    ``installer`` replaces the snapshot installer (the in-process loop installs live policies).
+    """
 
     def __init__(
         self,
         settings: Settings,
         config: ServeConfig,
-        loader: PolicyLoader,
+        loader: PolicyLoader | None = None,
         *,
         item_features: ItemFeatures | None = None,
         options: ServeOptions | None = None,
+        bus: Bus | None = None,
+        installer: Any = None,
     ) -> None:
-        self.settings = settings
+        self.settings, self.topics = settings, settings.topics
         self.options = options or ServeOptions()
         faiss.omp_set_num_threads(self.options.faiss_threads)
-        self.topics = settings.topics
         self.host = PolicyHost(config.learned_policies)
         self.cache = SessionCache(PopularityCounts(config.n_items))
         self.server = SlateServer(config, self.host, self.cache, item_features)
-        self.installer = SnapshotInstaller(
+        self.installer = installer or SnapshotInstaller(
             self.host, loader, settings.resolved_snapshot_dir, self.options.index_kind
         )
         self.stats = ServeStats()
@@ -111,9 +114,60 @@ class ServeService:
         self._pending: dict[str, PolicyPublished] = {}
         self._pending_cv = threading.Condition()
         self._errors: deque[str] = deque(maxlen=20)
-        self.producer = make_producer(settings, {"linger.ms": 1})
-        self.deliveries = DeliveryTracker()
-        self._requests: DeadLetterConsumer | None = None
+        if bus is None:
+            from recloop.kafka.bus import KafkaBus
+
+            bus = KafkaBus(settings, {"linger.ms": 1}, process="serve")
+        self.bus = bus
+        self._requests: Reader | None = None
+        self._side: Reader | None = None
+        self._last_commit = time.monotonic()
+
+    # -- one round ---------------------------------------------------------------------------
+
+    def step(self, timeout: float = 0.0, side: bool = True) -> int:
+        """Side duties (if ``side``), then one batch of requests; returns requests handled."""
+        if side:
+            self.poll_side(timeout=0.0)
+            self.install_pending()
+        requests = self.requests
+        batch = self._next_batch(requests, timeout)
+        if not self.ready.is_set() and requests.consumer.assigned():
+            self.ready.set()
+        if batch:
+            self._answer(batch, requests)
+        self.bus.serve()
+        if time.monotonic() - self._last_commit >= self.options.commit_every_s:
+            self._confirm_and_commit()
+        return len(batch)
+
+    @property
+    def requests(self) -> Reader:
+        if self._requests is None:
+            self._requests = Reader(self.bus, self.topics, ["rec.requests"],
+                                    self.options.group_id, self.options.name)  # fmt: skip
+        return self._requests
+
+    def poll_side(self, timeout: float) -> None:
+        """Read session states into the cache and announcements into the pending set."""
+        if self._side is None:
+            group = f"{self.options.group_id}-side-{uuid.uuid4().hex[:12]}"
+            self._side = Reader(self.bus, self.topics, ["session.state", "policy.snapshots"],
+                                group, f"{self.options.name}-side")  # fmt: skip
+        for item in self._side.poll_batch(1000, timeout=timeout):
+            record = item.value
+            if isinstance(record, SessionState):
+                self.cache.update(record)
+            elif isinstance(record, PolicyPublished):
+                self._announce(record)
+
+    def install_pending(self) -> None:
+        """Install every pending announcement (newest per policy), in this thread."""
+        while self._pending:
+            with self._pending_cv:
+                name = next(iter(self._pending))
+                published = self._pending.pop(name)
+            self._install(name, published)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -130,63 +184,40 @@ class ServeService:
         tick_every_s: float = 5.0,
     ) -> ServeStats:
         """Serve until ``stop()`` (or ``max_seconds``); returns the final stats."""
-        requests = DeadLetterConsumer(
-            self.settings, ["rec.requests"], self.options.group_id, self.options.name,
-            producer=self.producer,
-        )  # fmt: skip
-        self._requests = requests
         side = threading.Thread(target=self._side_loop, name="serve-side", daemon=True)
         installer = threading.Thread(target=self._install_loop, name="serve-install", daemon=True)
+        requests = self.requests
         side.start()
         installer.start()
+        start = last_tick = time.monotonic()
         try:
-            self._request_loop(requests, max_seconds, on_tick, tick_every_s)
+            while not self._stop.is_set():
+                if max_seconds is not None and time.monotonic() - start >= max_seconds:
+                    break
+                try:
+                    self.step(self.options.poll_timeout_s, side=False)
+                except Exception as exc:
+                    if _fatal(exc):
+                        raise
+                    # Transient broker trouble (a leader moving, a reconnect): note it, go on.
+                    self._errors.append(f"poll: {exc}")
+                    time.sleep(0.1)
+                if on_tick is not None and time.monotonic() - last_tick >= tick_every_s:
+                    on_tick(self.snapshot_stats())
+                    last_tick = time.monotonic()
         finally:
             self.stop()
             try:
-                self._confirm_and_commit(requests)
+                self._confirm_and_commit()
             finally:
                 requests.close()
                 side.join(timeout=10)
                 installer.join(timeout=30)
         return self.stats
 
-    # -- the request loop --------------------------------------------------------------------
+    # -- the request path --------------------------------------------------------------------
 
-    def _request_loop(
-        self,
-        consumer: DeadLetterConsumer,
-        max_seconds: float | None,
-        on_tick: Callable[[dict[str, Any]], None] | None,
-        tick_every_s: float,
-    ) -> None:
-        start = last_commit = last_tick = time.monotonic()
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if max_seconds is not None and now - start >= max_seconds:
-                break
-            try:
-                batch = self._next_batch(consumer)
-            except KafkaException as exc:
-                if exc.args[0].fatal():
-                    raise
-                # Transient broker trouble (a leader moving, a reconnect): note it, keep going.
-                self._errors.append(f"poll: {exc}")
-                time.sleep(0.1)
-                continue
-            if not self.ready.is_set() and consumer.consumer.assignment():
-                self.ready.set()
-            if batch:
-                self._answer(batch, consumer)
-            self.producer.poll(0)
-            if now - last_commit >= self.options.commit_every_s:
-                self._confirm_and_commit(consumer)
-                last_commit = now
-            if on_tick is not None and now - last_tick >= tick_every_s:
-                on_tick(self.snapshot_stats())
-                last_tick = now
-
-    def _next_batch(self, consumer: DeadLetterConsumer) -> list[Consumed]:
+    def _next_batch(self, consumer: Reader, timeout: float) -> list[Consumed]:
         """Whatever requests are buffered, up to a batch; if none, wait for the first one.
 
         ``consume(n, timeout)`` waits until it has n messages or the timeout passes, which
@@ -196,14 +227,14 @@ class ServeService:
         """
         size = self.options.batch_size
         batch = consumer.poll_batch(size, timeout=0)
-        if batch:
+        if batch or timeout <= 0:
             return batch
-        batch = consumer.poll_batch(1, timeout=self.options.poll_timeout_s)
+        batch = consumer.poll_batch(1, timeout=timeout)
         if batch and size > 1:
             batch += consumer.poll_batch(size - 1, timeout=0)
         return batch
 
-    def _answer(self, batch: list[Consumed], consumer: DeadLetterConsumer) -> None:
+    def _answer(self, batch: list[Consumed], consumer: Reader) -> None:
         valid: list[RecRequest] = []
         for item in batch:
             request = item.value
@@ -212,65 +243,44 @@ class ServeService:
             if problem is None:
                 valid.append(request)
             else:
-                self._dead_letter(item, problem)
+                consumer.dead_letter(item, f"unanswerable request: {problem}")
+                self.stats.invalid += 1
         t0 = time.perf_counter()
         slates = self.server.serve_batch(valid)
         self.stats.compute_s += time.perf_counter() - t0
-        produce_records(
-            self.producer, self.topics.slates, slates, _user_key, on_delivery=self.deliveries
-        )
+        for slate in slates:
+            self.bus.publish(self.topics.slates, slate.user_id.encode(), codec.encode(slate))
         _export_slates(self.topics.slates, slates)
         self.stats.requests += len(batch)
         self.stats.slates += len(slates)
         self.stats.batches += 1
 
-    def _dead_letter(self, item: Consumed, problem: str) -> None:
-        """Send a request that decodes but cannot be answered to ``rec.requests.dlq``."""
-        headers = dlq_headers(
-            f"unanswerable request: {problem}", item.topic, item.partition, item.offset,
-            self.options.name,
-        )  # fmt: skip
-        while True:
-            try:
-                self.producer.produce(
-                    self.topics.dlq(item.topic), key=item.key, value=codec.encode(item.value),
-                    headers=headers, on_delivery=self.deliveries,
-                )  # fmt: skip
-                break
-            except BufferError:
-                self.producer.poll(0.1)
-        self.stats.invalid += 1
-
-    def _confirm_and_commit(self, consumer: DeadLetterConsumer) -> None:
+    def _confirm_and_commit(self) -> None:
         # Every slate (and dead letter) before these offsets must be on the broker first.
-        flush_or_raise(self.producer, self.deliveries)
+        self._last_commit = time.monotonic()
+        if self._requests is None:
+            return
+        self.bus.flush()
         try:
-            consumer.commit()
-        except KafkaException as exc:
+            self._requests.commit()
+        except Exception as exc:
+            if _fatal(exc):
+                raise
             # A rebalance can reject the commit; the requests will be answered again, not lost.
             self._errors.append(f"commit: {exc}")
 
     # -- session state and announcements -----------------------------------------------------
 
     def _side_loop(self) -> None:
-        group = f"{self.options.group_id}-side-{uuid.uuid4().hex[:12]}"
-        consumer = DeadLetterConsumer(
-            self.settings, ["session.state", "policy.snapshots"], group,
-            f"{self.options.name}-side",
-        )  # fmt: skip
         try:
             while not self._stop.is_set():
-                for item in consumer.poll_batch(1000, timeout=0.1):
-                    record = item.value
-                    if isinstance(record, SessionState):
-                        self.cache.update(record)
-                    elif isinstance(record, PolicyPublished):
-                        self._announce(record)
+                self.poll_side(timeout=0.1)
         except Exception as exc:  # keep serving on the last known state; say why
             self._errors.append(f"side loop stopped: {type(exc).__name__}: {exc}")
             log.exception("session-state/snapshot consumer stopped")
         finally:
-            consumer.close()
+            if self._side is not None:
+                self._side.close()
 
     def _announce(self, published: PolicyPublished) -> None:
         with self._pending_cv:
@@ -288,16 +298,19 @@ class ServeService:
                     return
                 name = next(iter(self._pending))
                 published = self._pending.pop(name)
-            try:
-                result = self.installer.install(published)
-            except Exception as exc:  # the loop must outlive any one bad snapshot
-                self._errors.append(f"install {name} v{published.version}: {exc!r}")
-                continue
-            self.stats.installs.append(result)
-            if result.status == "swapped":
-                _export_swap(published, self.installer.resolve(published.path))
-            if result.status == "refused":
-                log.warning("refused snapshot %s v%d: %s", name, published.version, result.reason)
+            self._install(name, published)
+
+    def _install(self, name: str, published: PolicyPublished) -> None:
+        try:
+            result = self.installer.install(published)
+        except Exception as exc:  # the loop must outlive any one bad snapshot
+            self._errors.append(f"install {name} v{published.version}: {exc!r}")
+            return
+        self.stats.installs.append(result)
+        if result.status == "swapped" and published.path:
+            _export_swap(published, self.installer.resolve(published.path))
+        if result.status == "refused":
+            log.warning("refused snapshot %s v%d: %s", name, published.version, result.reason)
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -308,7 +321,8 @@ class ServeService:
             "requests": self.stats.requests,
             "slates": self.stats.slates,
             "invalid": self.stats.invalid,
-            "undecodable": self._requests.stats.dead_lettered if self._requests else 0,
+            "undecodable": (self._requests.stats.dead_lettered - self.stats.invalid
+                            if self._requests else 0),
             "sessions_cached": len(self.cache),
             "versions": versions,
             "installs": dict(self.installer.counts),
@@ -319,8 +333,14 @@ class ServeService:
         }
 
 
-def _user_key(slate: SlateServed) -> str:
-    return slate.user_id
+def _fatal(exc: Exception) -> bool:
+    """Whether a bus error leaves the client unusable (a fatal Kafka error; anything that
+    is not a Kafka error is treated as fatal too, so bugs are not swallowed)."""
+    from confluent_kafka import KafkaException
+
+    if not isinstance(exc, KafkaException):
+        return True
+    return bool(exc.args and exc.args[0].fatal())
 
 
 # -- wiring ----------------------------------------------------------------------------------

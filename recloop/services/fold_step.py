@@ -1,0 +1,54 @@
+"""The streams fold on a ``Bus`` without faust: the in-process loop's streams worker.
+
+One ``step()`` reads what ``rec.slates`` and ``rec.feedback`` have, folds each event into its
+user's state with the pure ``recloop.streams.fold.apply`` and publishes, per batch, the
+transitions on ``rec.transitions`` *before* the changed states on ``session.state`` (the
+order the faust worker keeps: a state never runs ahead of the transitions it implies),
+then commits. The states live in a dict (the faust worker's table); feedback that
+contradicts its slate is dead-lettered by the ``Reader``.
+"""
+
+from __future__ import annotations
+
+from recloop.core import codec
+from recloop.core.events import SessionState
+from recloop.core.ports import Bus
+from recloop.core.settings import Settings
+from recloop.kafka.deadletter import Reader
+from recloop.streams import fold
+
+
+class FoldStep:
+    """``fold.apply`` over ``rec.slates`` + ``rec.feedback``; see the module docstring."""
+
+    def __init__(self, settings: Settings, bus: Bus, group_id: str = "recloop-streams") -> None:
+        self.topics = settings.topics
+        self.bus = bus
+        self.reader = Reader(bus, self.topics, ["rec.slates", "rec.feedback"], group_id,
+                             "streams")  # fmt: skip
+        self.states: dict[str, SessionState] = {}
+        self.transitions = 0
+
+    def step(self, max_records: int = 5000) -> int:
+        """Fold one batch; returns how many events it read."""
+        batch = self.reader.poll_batch(max_records, timeout=0.0)
+        if not batch:
+            return 0
+        changed: dict[str, SessionState] = {}
+        for item in batch:
+            event = item.value
+            try:
+                state, out = fold.apply(self.states.get(event.user_id), event)
+            except fold.InvalidEvent as exc:
+                self.reader.dead_letter(item, str(exc))
+                continue
+            self.states[event.user_id] = changed[event.user_id] = state
+            for transition in out:
+                self.bus.publish(self.topics.transitions, transition.user_id.encode(),
+                                 codec.encode(transition))  # fmt: skip
+            self.transitions += len(out)
+        for user_id, state in changed.items():
+            self.bus.publish(self.topics.session_state, user_id.encode(), codec.encode(state))
+        self.bus.flush()
+        self.reader.commit()
+        return len(batch)
