@@ -7,7 +7,10 @@ they look on the wire.
 
 Conventions: times ``ts`` are UNIX epoch seconds (float); user, session, request and
 event ids are strings; items are integer ids into the catalogue. Float fields use
-``Finite``: decoding NaN or infinity is an error, not a silent poison for learning.
+``Finite``: decoding NaN or infinity is an error, not a silent poison for learning. On the
+JSON wire msgspec's parser already refuses them (NaN and Infinity are not JSON, 1e999
+overflows); the bounds make every other decoder refuse them too (``msgspec.convert`` from
+Python objects, MessagePack), so the contract does not rest on the format.
 """
 
 from __future__ import annotations

@@ -200,6 +200,9 @@ def test_malformed_record_raises_clear_error(mutate, expected_in_message: str) -
 
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"null"])
 def test_non_finite_reward_is_refused(literal: bytes) -> None:
+    # On the JSON wire msgspec's parser refuses these by itself (NaN and Infinity are not
+    # JSON, 1e999 overflows), with or without ``Finite``: this holds the codec to its promise.
+    # The guard's own job is tested below, on the paths that can carry a non-finite float.
     raw = msgspec.json.encode({**_valid_click(), "reward": 0}).replace(
         b'"reward":0', b'"reward":' + literal
     )
@@ -221,11 +224,80 @@ def test_empty_value_is_refused() -> None:
         codec.decode(None, events.RecRequest)
 
 
+def _example(info: msgspec.inspect.Type) -> object:
+    """The builtins of one valid value of ``info``: every list and dict holds one element."""
+    mi = msgspec.inspect
+    if isinstance(info, mi.StructType):
+        obj = {f.encode_name: _example(f.type) for f in info.fields}
+        if info.tag_field is not None:
+            obj[info.tag_field] = info.tag
+        return obj
+    if isinstance(info, mi.UnionType):
+        return _example(next(t for t in info.types if not isinstance(t, mi.NoneType)))
+    if isinstance(info, mi.ListType):
+        return [_example(info.item_type)]
+    if isinstance(info, mi.DictType):
+        return {"key": _example(info.value_type)}
+    if isinstance(info, mi.FloatType):
+        return 0.5
+    if isinstance(info, mi.IntType):
+        return max(info.ge or 0, 1)
+    if isinstance(info, mi.StrType):
+        return "x"
+    if isinstance(info, mi.BoolType):
+        return True
+    raise AssertionError(f"no example for {info!r}")
+
+
+def _float_paths(obj: object, path: tuple = ()) -> list[tuple]:
+    """Paths (keys and indexes) to every float in a builtins tree."""
+    if isinstance(obj, float):
+        return [path]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in _float_paths(v, (*path, k))]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in _float_paths(v, (*path, i))]
+    return []
+
+
+def _replaced(obj: object, path: tuple, value: float) -> object:
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(obj, dict):
+        return {**obj, head: _replaced(obj[head], rest, value)}
+    assert isinstance(obj, list)
+    return [_replaced(v, rest, value) if i == head else v for i, v in enumerate(obj)]
+
+
+@pytest.mark.parametrize("record_type", events.ALL_RECORD_TYPES, ids=lambda t: t.__name__)
+def test_every_float_field_refuses_non_finite_values_where_the_wire_could_carry_them(
+    record_type: type,
+) -> None:
+    """``Finite`` (and ``Probability``) on every float of every record, nested ones included.
+
+    JSON cannot carry NaN or infinity, so the guard bites where a decoder can: a record
+    validated from Python objects (``msgspec.convert``) or from MessagePack. Each float
+    of a valid record is replaced in turn by NaN, +inf and -inf; each must be refused.
+    """
+    valid = _example(msgspec.inspect.type_info(record_type))
+    assert isinstance(msgspec.convert(valid, record_type), record_type)
+    paths = _float_paths(valid)
+    assert paths, f"{record_type.__name__} has no float to check"
+    for path in paths:
+        for bad in (math.nan, math.inf, -math.inf):
+            obj = _replaced(valid, path, bad)
+            with pytest.raises(msgspec.ValidationError, match="Expected `float`"):
+                msgspec.convert(obj, record_type)
+            with pytest.raises(msgspec.ValidationError, match="Expected `float`"):
+                msgspec.msgpack.decode(msgspec.msgpack.encode(obj), type=record_type)
+
+
 def test_nan_in_a_list_of_finite_floats_is_refused() -> None:
     request = events.RecRequest(
         request_id="r", user_id="u", session_id="s", step=0, ts=1.0, k=3, observation=[0.5]
     )
-    raw = codec.encode(request).replace(b"[0.5]", b"[NaN]")
+    raw = codec.encode(request).replace(b"[0.5]", b"[NaN]")  # refused as JSON, as above
     with pytest.raises(RecordDecodeError):
         codec.decode(raw, events.RecRequest)
     assert not math.isnan(codec.decode(codec.encode(request), events.RecRequest).observation[0])
