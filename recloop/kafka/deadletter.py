@@ -5,7 +5,8 @@ record with ``recloop.core.codec`` as that topic's value type. A record that doe
 goes, unchanged (same key, same value bytes), to ``<topic>.dlq`` with the headers of
 ``recloop.core.dlq.dlq_headers`` and is not returned; the valid records around it are
 returned in order. A service that decodes a record but cannot use it calls
-``Reader.dead_letter`` (one public ``dead_letter`` underneath), which re-encodes it.
+``Reader.dead_letter`` (one public ``dead_letter`` underneath), which sends its original
+bytes too.
 
 The commit rule, the reason this lives in one place: a dead letter is *pending* from the
 moment it is published until the bus acknowledges it, and ``commit()`` first flushes and
@@ -39,6 +40,8 @@ class Consumed:
     key: bytes | None
     value: Record
     timestamp_ms: int
+    raw: bytes = b""
+    """The value bytes as read (what a dead letter carries)."""
 
 
 @dataclass
@@ -124,16 +127,17 @@ class Reader:
             else:
                 metrics.RECORDS_IN.labels(self._process, msg.topic).inc()
                 out.append(Consumed(msg.topic, msg.partition, msg.offset, msg.key, record,
-                                    msg.timestamp_ms))  # fmt: skip
+                                    msg.timestamp_ms, msg.value))  # fmt: skip
                 self.stats.returned += 1
             self._positions[(msg.topic, msg.partition)] = msg.offset + 1
         return out
 
     def dead_letter(self, item: Consumed, error: str) -> None:
-        """Dead-letter a record that decoded but cannot be used; it is re-encoded, which
-        gives the content of the original bytes. Pending until the next ``commit``."""
-        self._dead_letter(item.topic, item.partition, item.offset, item.key,
-                          codec.encode(item.value), error)  # fmt: skip
+        """Dead-letter a record that decoded but cannot be used, with its original bytes
+        (a reader may decode only part of a record, so re-encoding could drop fields).
+        Pending until the next ``commit``."""
+        value = item.raw or codec.encode(item.value)
+        self._dead_letter(item.topic, item.partition, item.offset, item.key, value, error)
 
     def _dead_letter(
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes,
