@@ -7,7 +7,7 @@ connection errors that name neither the setting nor the fix.
 from __future__ import annotations
 
 import typer
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
@@ -22,7 +22,8 @@ def broker_problem(settings: Settings, timeout: float = 5.0) -> str | None:
         admin.list_topics(timeout=timeout)
     except KafkaException as exc:
         error = exc.args[0] if exc.args else None
-        return error.str() if hasattr(error, "str") else str(exc)
+        # confluent-kafka raises with a KafkaError whose str() is the broker's reason.
+        return error.str() if isinstance(error, KafkaError) else str(exc)
     return None
 
 

@@ -86,7 +86,7 @@ def sim(
     from recloop.services.sim import SimConfig, SimService
 
     options = _preset_options(preset, slate_size, candidates)
-    settings = Settings(**({"kafka_bootstrap": bootstrap} if bootstrap else {}))
+    settings = Settings(kafka_bootstrap=bootstrap) if bootstrap else Settings()
     config = SimConfig(
         preset=preset,
         preset_options=options,

@@ -132,7 +132,7 @@ class LoopMonitor:
             }
         )
         self.consumer.subscribe([topics.outcomes, topics.snapshots, topics.slates])
-        self.types = {
+        self.types: dict[str, type[EpisodeOutcome | PolicyPublished | SlateServed]] = {
             topics.outcomes: EpisodeOutcome,
             topics.snapshots: PolicyPublished,
             topics.slates: SlateServed,
@@ -150,10 +150,11 @@ class LoopMonitor:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             for msg in self.consumer.consume(500, timeout=0.2):
-                if msg.error():
+                topic = msg.topic()
+                if msg.error() or topic is None:
                     continue
                 try:
-                    record = codec.decode(msg.value(), self.types[msg.topic()])
+                    record = codec.decode(msg.value(), self.types[topic])
                 except RecordDecodeError:
                     self.skipped += 1
                     continue

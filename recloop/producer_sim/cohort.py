@@ -110,13 +110,13 @@ class Cohort:
 
     def observation(self, slot: int) -> Observation:
         """What an in-process policy sees for the slot's pending request."""
-        req = self.pending[slot]
-        if req is None:
+        req, obs = self.pending[slot], self._obs[slot]
+        if req is None or obs is None:  # both are set together, with the request
             raise RuntimeError(f"slot {slot} has no pending request")
         hist = self._history[slot]
         return Observation(
             user_id=req.user_id,
-            user_obs=self._obs[slot],
+            user_obs=obs,
             history=tuple(i for i, _ in hist),
             history_rewards=tuple(r for _, r in hist),
             step=req.step,
