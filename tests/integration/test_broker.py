@@ -21,11 +21,11 @@ from recloop.ops.broker import (
     KAFKA_VERSION,
     BrokerError,
     LocalBroker,
-    describe_group,
     free_port,
     pid_running,
     read_state,
 )
+from tests.consumer_groups import describe_group
 
 pytestmark = pytest.mark.integration
 

@@ -23,10 +23,10 @@ import pytest
 from confluent_kafka import KafkaError
 from confluent_kafka.admin import NewTopic
 
-from recloop.cli.demo import example_events
 from recloop.core import codec, events
 from recloop.core.settings import Settings
 from recloop.kafka.clients import make_admin, make_consumer, make_producer
+from tests.fixtures import example_events
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,6 @@ import time
 
 import pytest
 
-from recloop.cli.demo import example_events, key_of, round_trip, topic_for
 from recloop.core import codec, events
 from recloop.core.settings import Settings
 from recloop.core.topics import spec
@@ -17,6 +16,7 @@ from recloop.kafka.clients import (
     make_producer,
     produce_records,
 )
+from tests.fixtures import example_events, key_of, round_trip, topic_for
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,8 @@ from confluent_kafka import TopicPartition
 
 from recloop.core.settings import Settings
 from recloop.kafka.clients import make_consumer, make_producer
-from recloop.ops.broker import describe_group, free_port
+from recloop.ops.broker import free_port
+from tests.consumer_groups import describe_group
 
 pytestmark = pytest.mark.integration
 

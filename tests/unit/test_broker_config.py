@@ -8,7 +8,6 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from recloop.cli.demo import example_events, key_of, topic_for
 from recloop.core import events, topics
 from recloop.core.settings import Settings
 from recloop.kafka.admin import planned_topics
@@ -16,12 +15,13 @@ from recloop.ops.broker import (
     KAFKA_VERSION,
     BrokerError,
     LocalBroker,
-    _pom,
-    new_cluster_id,
-    parse_group_describe,
     render_properties,
     server_properties,
 )
+from recloop.ops.broker.config import new_cluster_id
+from recloop.ops.broker.jars import pom
+from tests.consumer_groups import parse_group_describe
+from tests.fixtures import example_events, key_of, topic_for
 
 
 def test_server_properties_describe_one_loopback_kraft_node(tmp_path):
@@ -50,7 +50,7 @@ def test_cluster_ids_are_22_char_base64url_not_starting_with_dash():
 
 def test_pom_names_the_broker_tools_and_logging_and_excludes_connect():
     ns = {"m": "http://maven.apache.org/POM/4.0.0"}
-    root = ET.fromstring(_pom(KAFKA_VERSION))
+    root = ET.fromstring(pom(KAFKA_VERSION))
     assert root.findtext("m:packaging", namespaces=ns) == "pom"
     deps = {
         d.findtext("m:artifactId", namespaces=ns): d for d in root.iterfind(".//m:dependency", ns)
