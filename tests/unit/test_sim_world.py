@@ -77,23 +77,42 @@ def test_interest_update_moves_the_clicked_cluster_only() -> None:
 
 
 def test_step_scores_watch_time_and_ends_sessions() -> None:
+    """One step per fresh simulation, over simulation seeds until every user has both clicked
+    and missed: a click watches min(budget, length) and refunds ρ·watch·quality, a miss costs
+    0.5 and leaves the interests alone; the session ends when the budget is spent."""
     world = interest_evolution(seed=0)
-    sim = Simulation(world, capacity=3, seed=1)
-    sim.spawn(np.arange(3))
-    sim.pop.budget_U[:] = [2.5, 0.4, 100.0]
-    # Slates of the users' favourite cluster items make clicks likely; loop until each acted.
+    budgets = np.array([2.5, 0.4, 100.0])
+    rho, cat = UserConfig().budget_refund_rate, world.catalogue
     slate_UK = np.tile(np.arange(3), (3, 1))
-    out = sim.step(np.arange(3), slate_UK)
-    for u in range(3):
-        if out.position_U[u] >= 0:
-            assert out.reward_U[u] == min([2.5, 0.4, 100.0][u], 4.0)
-            assert out.item_U[u] == slate_UK[u, out.position_U[u]]
-            assert out.quality_U[u] == world.catalogue.quality_N[out.item_U[u]]
-        else:
-            assert out.reward_U[u] == 0 and out.item_U[u] == -1
-    np.testing.assert_array_equal(out.done_U, sim.pop.budget_U <= 0)
-    assert out.done_U[1]  # 0.4 left: a click watches it all, a miss costs 0.5
-    np.testing.assert_array_equal(sim.pop.steps_U, 1)
+    seen: set[tuple[int, bool]] = set()
+    for seed in range(200):
+        sim = Simulation(world, capacity=3, seed=seed)
+        sim.spawn(np.arange(3))
+        sim.pop.budget_U[:] = budgets
+        interests_UD = sim.pop.interests_UD.copy()
+        out = sim.step(np.arange(3), slate_UK)
+        for u in range(3):
+            clicked = bool(out.position_U[u] >= 0)
+            seen.add((u, clicked))
+            if clicked:
+                item = slate_UK[u, out.position_U[u]]
+                watch = min(budgets[u], cat.length_N[item])
+                assert out.item_U[u] == item and out.reward_U[u] == watch
+                assert out.quality_U[u] == cat.quality_N[item]
+                assert sim.pop.budget_U[u] == pytest.approx(
+                    budgets[u] - watch + rho * watch * cat.quality_N[item]
+                )
+            else:
+                assert out.reward_U[u] == 0 and out.item_U[u] == -1 and out.quality_U[u] == 0
+                assert sim.pop.budget_U[u] == budgets[u] - 0.5
+                np.testing.assert_array_equal(sim.pop.interests_UD[u], interests_UD[u])
+        np.testing.assert_array_equal(out.done_U, sim.pop.budget_U <= 0)
+        assert out.done_U[1]  # 0.4 left: a click watches it all, a miss costs 0.5
+        assert not out.done_U[2]
+        np.testing.assert_array_equal(sim.pop.steps_U, 1)
+        if len(seen) == 6:
+            break
+    assert seen == {(u, c) for u in range(3) for c in (True, False)}, seen
 
 
 def test_tiny_world_and_large_catalogue_shapes() -> None:
