@@ -30,7 +30,12 @@ def test_shares_are_close_to_declared(arms):
 def test_user_unit_is_in_unit_interval_and_spread():
     values = [user_unit(f"x{i}") for i in range(2000)]
     assert all(0.0 <= v < 1.0 for v in values)
-    assert 0.45 < sum(values) / len(values) < 0.55
+    assert len(set(values)) == len(values)
+    # Uniform: each tenth of [0, 1) holds 200 ± 4 binomial standard errors (4·13.4) of them.
+    counts = [0] * 10
+    for v in values:
+        counts[int(v * 10)] += 1
+    assert all(abs(c - 200) < 4 * (2000 * 0.1 * 0.9) ** 0.5 for c in counts), counts
 
 
 def test_parse_arm_and_errors():
