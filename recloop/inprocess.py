@@ -38,6 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ from recloop.core.events import (
 )
 from recloop.core.membus import MemoryBus
 from recloop.core.settings import Settings
-from recloop.learner.spec import WorldSpec
+from recloop.core.spec import WorldSpec
 from recloop.producer_sim.runner import Estimate, RunReport, run_episodes
 from recloop.producer_sim.world import World
 from recloop.services.fold_step import FoldStep
@@ -79,7 +80,7 @@ def spec_for(world: World, history_len: int = 5) -> WorldSpec:
 class LearningSink:
     """Folds wire events into transitions and feeds them to an agent in chunks."""
 
-    agent: object
+    agent: Any
     learn_chunk: int = 32
     states: dict[str, SessionState] = field(default_factory=dict)
     pending: list = field(default_factory=list)
@@ -227,9 +228,10 @@ def build_loop(world: World, agents: Mapping[str, object], episodes: int, seed: 
     serve_config = ServeConfig(split=split, fallback=fallback, epsilon=epsilon,
                                n_items=world.catalogue.n_items, seed=seed)  # fmt: skip
     policies = {name: agent.policy() for name, agent in agents.items()}  # type: ignore[attr-defined]
+    host = PolicyHost(serve_config.learned_policies)
     serve = ServeService(settings, serve_config, item_features=world.item_features, bus=bus,
-                         options=ServeOptions(batch_size=10**6), installer=None)  # fmt: skip
-    serve.installer = LiveInstaller(serve.host, policies)
+                         options=ServeOptions(batch_size=10**6),
+                         installer=LiveInstaller(host, policies), host=host)  # fmt: skip
     learners = []
     for name, agent in agents.items():
         algo = type(agent).__module__.rsplit(".", 1)[-1]
@@ -330,7 +332,7 @@ class PairedReport:
         return "\n".join(lines)
 
 
-def evaluate_paired(world: World, policies: Mapping[str, object], episodes: int,
+def evaluate_paired(world: World, policies: Mapping[str, Any], episodes: int,
                     seed: int) -> PairedReport:
     """Evaluate every policy on the same ``episodes`` users with common random numbers.
 

@@ -1,6 +1,7 @@
 """recloop's learner layer: pure torch, no Kafka, faust or SQL.
 
-- ``spec.WorldSpec``: the sizes of the world an agent learns in.
+- ``spec.config_from_dict``: an algorithm's config from its manifest (the world's sizes are
+  ``core.spec.WorldSpec``).
 - ``batch``: the only events-to-tensors boundary (``to_batch``, ``request_batch``).
 - ``replay``, ``nets``, ``maths``: shared building blocks; ``maths`` holds the papers'
   concepts as named pure functions.

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from recloop.core.events import Transition
+from recloop.core.spec import WorldSpec
 from recloop.learner import checkpoint
 from recloop.learner.batch import to_batch
 from recloop.learner.replay import ReplayBuffer, learn_from_replay
-from recloop.learner.spec import WorldSpec
 
 
 class ReplayAgent:

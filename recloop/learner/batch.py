@@ -31,7 +31,7 @@ import torch
 
 from recloop.core.events import Transition, UserView
 from recloop.core.ports import Candidates, Observation
-from recloop.learner.spec import WorldSpec
+from recloop.core.spec import WorldSpec
 
 
 @dataclass(frozen=True)

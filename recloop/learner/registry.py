@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from recloop.learner.spec import WorldSpec
+from recloop.core.spec import WorldSpec
 
 _ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
     "mf": ("recloop.learner.algorithms.mf", {}),

@@ -14,22 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recloop.core.spec import WorldSpec
 from recloop.producer_sim.choice import ChoiceModel, sample
 from recloop.producer_sim.documents import Catalogue, sample_candidates
 from recloop.producer_sim.users import InterestUsers, Population
-
-
-@dataclass(frozen=True)
-class WorldSpec:
-    """What a learner needs to know to be built for a world."""
-
-    name: str
-    n_items: int
-    user_obs_dim: int
-    item_feature_dim: int
-    slate_size: int
-    num_candidates: int
-    """Candidates offered per request; 0 means the whole catalogue (retrieve yourself)."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +40,9 @@ class World:
 
     @property
     def spec(self) -> WorldSpec:
+        """The world's sizes, as a learner is built for them (``history_len`` left default:
+        that is the learner's choice, not the world's)."""
         return WorldSpec(
-            name=self.name,
             n_items=self.catalogue.n_items,
             user_obs_dim=self.users.config.dim,
             item_feature_dim=self.catalogue.feature_dim,

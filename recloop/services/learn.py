@@ -34,10 +34,10 @@ from recloop.core.events import PolicyPublished, Transition
 from recloop.core.ports import Bus
 from recloop.core.settings import Settings
 from recloop.core.snapshot import announced_path, latest_snapshot, read_snapshot, write_snapshot
+from recloop.core.spec import WorldSpec
 from recloop.kafka.deadletter import Reader
 from recloop.learner import publishing, registry
 from recloop.learner.publishing import id_digest  # noqa: F401  (tests import it from here)
-from recloop.learner.spec import WorldSpec
 
 log = logging.getLogger(__name__)
 

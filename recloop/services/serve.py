@@ -85,7 +85,8 @@ class ServeStats:
 class ServeService:
     """Wire settings, the serving core and a bus; ``step`` a round or ``run`` until stopped.
 
-    ``installer`` replaces the snapshot installer (the in-process loop installs live policies).
+    ``installer`` (with the ``host`` it installs into) replaces the snapshot installer: the
+    in-process loop installs live policies.
     """
 
     def __init__(
@@ -98,16 +99,21 @@ class ServeService:
         options: ServeOptions | None = None,
         bus: Bus | None = None,
         installer: Any = None,
+        host: PolicyHost | None = None,
     ) -> None:
         self.settings, self.topics = settings, settings.topics
         self.options = options or ServeOptions()
         faiss.omp_set_num_threads(self.options.faiss_threads)
-        self.host = PolicyHost(config.learned_policies)
+        self.host = host or PolicyHost(config.learned_policies)
         self.cache = SessionCache(PopularityCounts(config.n_items))
         self.server = SlateServer(config, self.host, self.cache, item_features)
-        self.installer = installer or SnapshotInstaller(
-            self.host, loader, settings.resolved_snapshot_dir, self.options.index_kind
-        )
+        if installer is None:
+            if loader is None:
+                raise ValueError("a snapshot loader is needed unless an installer is given")
+            installer = SnapshotInstaller(
+                self.host, loader, settings.resolved_snapshot_dir, self.options.index_kind
+            )
+        self.installer = installer
         self.stats = ServeStats()
         self.ready = threading.Event()
         self._stop = threading.Event()
@@ -354,8 +360,8 @@ def learner_loader(preset: str, seed: int = 0, **world_options: Any) -> PolicyLo
     """
     import torch
 
+    from recloop.core.spec import WorldSpec
     from recloop.learner import registry
-    from recloop.learner.spec import WorldSpec
     from recloop.worlds import learner_spec
 
     # Inference on small batches: one thread, so serving does not fight the other processes.

@@ -55,13 +55,14 @@ from torch import nn
 
 from recloop.core.events import Transition
 from recloop.core.ports import Candidates, Observation, Slate
+from recloop.core.spec import WorldSpec
 from recloop.learner import checkpoint, nets
 from recloop.learner.agent import ReplayAgent
 from recloop.learner.batch import StateBatch, TransitionBatch, request_batch, to_batch
 from recloop.learner.maths import soft_update, td_target
 from recloop.learner.policy import SeededPolicy
 from recloop.learner.replay import PrioritisedReplay, ReplayConfig
-from recloop.learner.spec import WorldSpec, config_from_dict
+from recloop.learner.spec import config_from_dict
 
 STATE_REPS = ("ave", "p", "u")
 

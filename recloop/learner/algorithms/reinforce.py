@@ -38,6 +38,7 @@ from torch import nn
 
 from recloop.core.events import Transition
 from recloop.core.ports import Candidates, Observation, Slate
+from recloop.core.spec import WorldSpec
 from recloop.learner import checkpoint, nets
 from recloop.learner.agent import ReplayAgent
 from recloop.learner.batch import TransitionBatch, request_batch, to_batch, whole_catalogue
@@ -55,7 +56,7 @@ from recloop.learner.replay import (
     items_from_arrays,
     items_to_arrays,
 )
-from recloop.learner.spec import WorldSpec, config_from_dict
+from recloop.learner.spec import config_from_dict
 
 SESSIONS = "sessions"  # snapshot key prefix of the transitions held until their session ends
 

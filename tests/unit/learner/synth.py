@@ -12,7 +12,7 @@ import numpy as np
 
 from recloop.core.events import Transition, UserView
 from recloop.core.ports import Candidates, Observation
-from recloop.learner.spec import WorldSpec
+from recloop.core.spec import WorldSpec
 
 SPEC = WorldSpec(n_items=30, user_obs_dim=4, item_feature_dim=4, slate_size=3,
                  num_candidates=6, history_len=5)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from recloop.core.events import Transition, UserView
+from recloop.core.spec import WorldSpec
 from recloop.learner import nets
 from recloop.learner.batch import request_batch, to_batch
 from recloop.learner.replay import PrioritisedReplay, ReplayBuffer
-from recloop.learner.spec import WorldSpec
 from tests.unit.learner.synth import SPEC, make_request, make_transitions
 
 torch.set_num_threads(1)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from recloop.core.ports import Candidates, Observation
+from recloop.core.spec import WorldSpec
 from recloop.learner import registry
 from recloop.learner.algorithms import drr as D
 from recloop.learner.batch import request_batch, to_batch
-from recloop.learner.spec import WorldSpec
 from tests.unit.learner.synth import SPEC, bandit_step, make_request, make_transitions
 
 torch.set_num_threads(1)

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from recloop.core.events import Transition, UserView
 from recloop.core.ports import Candidates, Observation
+from recloop.core.spec import WorldSpec
 from recloop.learner import registry
 from recloop.learner.algorithms import wolpertinger as W
 from recloop.learner.batch import request_batch, to_batch
-from recloop.learner.spec import WorldSpec
 from tests.unit.learner.synth import SPEC, bandit_step, make_request, make_transitions
 
 torch.set_num_threads(1)
