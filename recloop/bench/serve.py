@@ -193,9 +193,10 @@ class _Receiver:
             # poll, not consume(n, timeout): consume would hold a slate until n arrived.
             msg = self.consumer.poll(0.1)
             now = time.time()
-            if msg is not None and msg.error() is None:
-                head = _head_decoder.decode(msg.value())
-                self.arrivals[head.request_id] = (now, head.policy_version, len(msg.value()))
+            value = None if msg is None or msg.error() is not None else msg.value()
+            if value is not None:
+                head = _head_decoder.decode(value)
+                self.arrivals[head.request_id] = (now, head.policy_version, len(value))
 
     def close(self) -> None:
         self._stop.set()
@@ -252,7 +253,10 @@ def _compute_only(bench: BenchConfig, published: PolicyPublished, emb_ND, obs_UD
     result = installer.install(published)
     assert result.status == "swapped", result
     server = SlateServer(_config(bench), host, item_features=lambda ids: emb_ND[ids])
-    index = host.current(POLICY).index
+    active = host.current(POLICY)
+    index = None if active is None else active.index
+    if index is None:  # the install above swapped a dot-product policy in, with its index
+        raise RuntimeError(f"{POLICY!r} has no catalogue index after {result}")
     compute, faiss_s, encode = [], [], []
     for i in range(bench.compute_samples):
         req = _request(i, "c", obs_UD[i % len(obs_UD)], bench.k)
@@ -288,7 +292,7 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
             broker = LocalBroker(work / "kafka", die_with_parent=True)
             broker.start()
             bootstrap = broker.bootstrap
-        settings_kwargs = {
+        settings_kwargs: dict[str, Any] = {
             "kafka_bootstrap": bootstrap,
             "topic_prefix": f"bench-serve-{uuid.uuid4().hex[:8]}.",
             "home": str(work),

@@ -64,7 +64,7 @@ def learn(
     if preset == "interest_evolution":
         options["num_candidates"] = num_candidates
     spec = learner_spec(preset, **options)
-    config = LearnConfig(
+    learn_config = LearnConfig(
         algo=algo,
         policy=policy or algo,
         seed=seed,
@@ -78,7 +78,7 @@ def learn(
     require_broker(settings, "learn from rec.transitions")
     serve_metrics(settings)
     with Storage.from_settings(settings) as storage:
-        service = LearnerService(settings, config, spec, storage)
+        service = LearnerService(settings, learn_config, spec, storage)
         service.run(stop.is_set, max_seconds=duration or None)
 
 

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recloop.cli.preflight import require_broker, unreachable_message
+from recloop.cli.preflight import kafka_reason, require_broker, unreachable_message
 from recloop.core.settings import Settings
 
 
@@ -95,8 +95,7 @@ def lag(
                 return
             time.sleep(watch)
     except KafkaException as exc:
-        error = exc.args[0] if exc.args else None
-        reason = error.str() if hasattr(error, "str") else str(exc)  # KafkaError's own words
+        reason = kafka_reason(exc)
         # stderr, so a script reading --json on stdout never parses the error as data.
         Console(stderr=True, highlight=False).print(
             unreachable_message(settings, "read consumer-group lag", reason), soft_wrap=True

@@ -21,10 +21,14 @@ def broker_problem(settings: Settings, timeout: float = 5.0) -> str | None:
     try:
         admin.list_topics(timeout=timeout)
     except KafkaException as exc:
-        error = exc.args[0] if exc.args else None
-        # confluent-kafka raises with a KafkaError whose str() is the broker's reason.
-        return error.str() if isinstance(error, KafkaError) else str(exc)
+        return kafka_reason(exc)
     return None
+
+
+def kafka_reason(exc: KafkaException) -> str:
+    """Kafka's own words for a failure: confluent-kafka raises with a ``KafkaError``."""
+    error = exc.args[0] if exc.args else None
+    return error.str() if isinstance(error, KafkaError) else str(exc)
 
 
 def unreachable_message(settings: Settings, doing: str, reason: str) -> str:

@@ -27,6 +27,9 @@ from recloop.core.snapshot import SnapshotError, describe_snapshot, resolve_anno
 from recloop.kafka import lag as kafka_lag
 from recloop.storage.store import Outcome, Sample, Storage
 
+Watched = EpisodeOutcome | PolicyPublished | SlateServed
+"""The records the monitor reads: outcomes, announced snapshots and served slates."""
+
 
 def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
@@ -132,7 +135,7 @@ class LoopMonitor:
             }
         )
         self.consumer.subscribe([topics.outcomes, topics.snapshots, topics.slates])
-        self.types: dict[str, type[EpisodeOutcome | PolicyPublished | SlateServed]] = {
+        self.types: dict[str, type[Watched]] = {
             topics.outcomes: EpisodeOutcome,
             topics.snapshots: PolicyPublished,
             topics.slates: SlateServed,
@@ -154,7 +157,7 @@ class LoopMonitor:
                 if msg.error() or topic is None:
                     continue
                 try:
-                    record = codec.decode(msg.value(), self.types[topic])
+                    record: Watched = codec.decode(msg.value(), self.types[topic])
                 except RecordDecodeError:
                     self.skipped += 1
                     continue
