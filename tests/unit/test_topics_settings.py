@@ -13,6 +13,11 @@ from recloop.core.topics import TOPIC_TABLE, Topics
 def test_every_per_user_topic_is_keyed_by_user() -> None:
     for spec in TOPIC_TABLE:
         assert (spec.key == "user_id") == spec.per_user, spec.base_name
+    # All but the snapshot announcements, which are keyed by policy.
+    per_user = {spec.base_name for spec in TOPIC_TABLE if spec.per_user}
+    assert per_user == {"rec.requests", "rec.slates", "rec.feedback", "session.state",
+                        "rec.transitions", "sim.outcomes"}  # fmt: skip
+    assert next(s for s in TOPIC_TABLE if s.base_name == "policy.snapshots").key == "policy"
 
 
 def test_state_and_snapshot_topics_are_compacted_and_streams_are_not() -> None:
