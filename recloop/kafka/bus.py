@@ -122,7 +122,9 @@ class KafkaConsumer:
                 continue
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             assert topic is not None and partition is not None and offset is not None
-            headers = tuple((k, v or b"") for k, v in (msg.headers() or []))
+            raw = msg.headers() or []
+            pairs = raw.items() if isinstance(raw, dict) else raw
+            headers = tuple((k, _as_bytes(v)) for k, v in pairs)
             out.append(BusMessage(topic, partition, offset, msg.key(), msg.value() or b"",
                                   headers, msg.timestamp()[1]))  # fmt: skip
         return out
@@ -187,3 +189,7 @@ def _high_watermark(consumer: Consumer, topic: str, partition: int, deadline: fl
             if exc.args[0].code() not in _NOT_READY or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def _as_bytes(value: str | bytes | None) -> bytes:
+    return value.encode() if isinstance(value, str) else (value or b"")

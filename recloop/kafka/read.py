@@ -42,8 +42,10 @@ def read_topic(
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"reading {topic}[{p}] up to offset {high} timed out")
                 for msg in consumer.consume(1000, timeout=1.0):
-                    if msg.error() is None and msg.partition() == p and msg.offset() < high:
-                        out.append((p, msg.offset(), codec.decode(msg.value(), value_type)))
+                    offset = msg.offset()
+                    if msg.error() is None and msg.partition() == p and offset is not None \
+                            and offset < high:
+                        out.append((p, offset, codec.decode(msg.value(), value_type)))
             consumer.unassign()
     finally:
         consumer.close()

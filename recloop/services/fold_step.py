@@ -37,12 +37,13 @@ class FoldStep:
         changed: dict[str, SessionState] = {}
         for item in batch:
             event = item.value
+            user_id: str = event.user_id  # type: ignore[attr-defined]  # slates and feedback
             try:
-                state, out = fold.apply(self.states.get(event.user_id), event)
+                state, out = fold.apply(self.states.get(user_id), event)
             except fold.InvalidEvent as exc:
                 self.reader.dead_letter(item, str(exc))
                 continue
-            self.states[event.user_id] = changed[event.user_id] = state
+            self.states[user_id] = changed[user_id] = state
             for transition in out:
                 self.bus.publish(self.topics.transitions, transition.user_id.encode(),
                                  codec.encode(transition))  # fmt: skip

@@ -335,7 +335,8 @@ class SimService:
         self._start_users(finished[:room])
 
     def _publish(self, topic: str, record: Record) -> None:
-        self.bus.publish(topic, record.user_id.encode(), codec.encode(record))
+        user_id: str = record.user_id  # type: ignore[attr-defined]  # every record the sim sends
+        self.bus.publish(topic, user_id.encode(), codec.encode(record))
 
 
 class OutcomeGauges:
@@ -362,7 +363,7 @@ class OutcomeGauges:
             ("return", metrics.SIM_RETURN, outcome.total_return),
             ("ctr", metrics.SIM_CTR, ctr),
         ):
-            key = (name, policy, version)
-            previous = self.ema.get(key)
-            self.ema[key] = value if previous is None else previous + self.WEIGHT * (value - previous)
-            gauge.labels(policy, version).set(self.ema[key])
+            slot = (name, policy, version)
+            previous = self.ema.get(slot)
+            self.ema[slot] = value if previous is None else previous + self.WEIGHT * (value - previous)
+            gauge.labels(policy, version).set(self.ema[slot])
