@@ -7,9 +7,15 @@ one list. ``serve_metrics(settings)`` starts the HTTP endpoint on
 
 from __future__ import annotations
 
+import contextlib
+import time
+from pathlib import Path
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from recloop.core.events import EpisodeOutcome, PolicyPublished, SlateServed
 from recloop.core.settings import Settings
+from recloop.core.snapshot import describe_snapshot
 
 RECORDS_IN = Counter(
     "recloop_records_in_total", "Records consumed and decoded", ["process", "topic"]
@@ -83,3 +89,54 @@ def serve_metrics(settings: Settings) -> int | None:
         return None
     start_http_server(settings.metrics_port, addr=settings.metrics_host)
     return settings.metrics_port
+
+
+# -- what the services export ----------------------------------------------------------------
+
+
+def export_slates(topic: str, slates: list[SlateServed]) -> None:
+    """Prometheus: slates out, and request-to-slate latency per policy."""
+    RECORDS_OUT.labels("serve", topic).inc(len(slates))
+    for slate in slates:
+        SERVING_LATENCY.labels(slate.policy).observe(max(0.0, slate.ts - slate.request_ts))
+
+
+def export_swap(published: PolicyPublished, path: Path) -> None:
+    """Prometheus: the serving version, its age, and how fresh it was when it went live."""
+    SNAPSHOT_VERSION.labels("serve", published.policy).set(published.version)
+    SNAPSHOT_CREATED.labels("serve", published.policy).set(published.created_ts)
+    with contextlib.suppress(Exception):  # freshness is best effort: the manifest is local
+        service = describe_snapshot(path).manifest.get("service", {})
+        newest = float(service.get("newest_event_ts") or 0.0)
+        if newest:
+            MODEL_FRESHNESS.labels(published.policy).set(max(0.0, time.time() - newest))
+
+
+class OutcomeGauges:
+    """Prometheus: finished sessions and their ground truth per serving policy version.
+
+    Gauges hold an exponential moving average (weight 0.05 per session), so a dashboard
+    sees each version's return and CTR settle without a window of its own. The averages
+    belong to this object (one per service), not to the module.
+    """
+
+    WEIGHT = 0.05
+
+    def __init__(self) -> None:
+        self.ema: dict[tuple[str, str, str], float] = {}
+
+    def export(self, outcome: EpisodeOutcome) -> None:
+        policy, version = "unknown", "0"
+        if outcome.policy_steps:
+            key = max(outcome.policy_steps, key=outcome.policy_steps.__getitem__)
+            policy, _, version = key.rpartition(":")
+        SIM_EPISODES.labels(policy, version).inc()
+        ctr = outcome.clicks / outcome.steps if outcome.steps else 0.0
+        for name, gauge, value in (
+            ("return", SIM_RETURN, outcome.total_return),
+            ("ctr", SIM_CTR, ctr),
+        ):
+            slot = (name, policy, version)
+            previous = self.ema.get(slot)
+            self.ema[slot] = value if previous is None else previous + self.WEIGHT * (value - previous)
+            gauge.labels(policy, version).set(self.ema[slot])

@@ -68,7 +68,8 @@ def serve(
     from rich.console import Console
 
     from recloop.metrics import serve_metrics
-    from recloop.services.serve import ServeOptions, ServeService, catalogue_of, learner_loader
+    from recloop.services.serve import ServeOptions, ServeService
+    from recloop.services.serve_wiring import catalogue_of, learner_loader
     from recloop.serving.fallback import FALLBACK_NAMES
     from recloop.serving.retrieval import INDEX_KINDS
     from recloop.serving.server import ServeConfig

@@ -19,67 +19,32 @@ keeps only the newest pending announcement per policy.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import faiss
-import numpy as np
 
 from recloop import metrics
 from recloop.core import codec
-from recloop.core.events import PolicyPublished, RecRequest, SessionState, SlateServed
+from recloop.core.events import PolicyPublished, RecRequest, SessionState
 from recloop.core.ports import Bus
 from recloop.core.settings import Settings
-from recloop.core.snapshot import describe_snapshot
 from recloop.kafka.deadletter import Consumed, Reader
+from recloop.services.serve_settings import ServeOptions, ServeStats
 from recloop.serving.fallback import PopularityCounts
 from recloop.serving.host import PolicyHost
 from recloop.serving.server import ItemFeatures, ServeConfig, SlateServer, validate_request
 from recloop.serving.session_cache import SessionCache
-from recloop.serving.snapshots import InstallResult, PolicyLoader, SnapshotInstaller
+from recloop.serving.snapshots import PolicyLoader, SnapshotInstaller
+
+__all__ = ["ServeOptions", "ServeService", "ServeStats"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """Process-level knobs of the serving shell."""
-
-    batch_size: int = 256
-    """Most requests answered per batch."""
-    poll_timeout_s: float = 0.1
-    """Longest wait for a request before the loop looks at its other duties."""
-    commit_every_s: float = 1.0
-    """How often slates are confirmed and request offsets committed."""
-    group_id: str = "recloop-serve"
-    """Consumer group of the request loop (replicas share the requests)."""
-    name: str = "recloop-serve"
-    """This consumer's name in dead-letter headers."""
-    index_kind: str = "auto"
-    """faiss index kind for snapshot item embeddings (see serving.retrieval)."""
-    faiss_threads: int = 1
-    """OpenMP threads per faiss search. One query at a time is fastest on one thread, and
-    idle OpenMP workers spinning on a busy machine multiply tail latency."""
-
-
-@dataclass
-class ServeStats:
-    """What the shell did, for the CLI's status line and for tests."""
-
-    requests: int = 0
-    slates: int = 0
-    invalid: int = 0
-    batches: int = 0
-    compute_s: float = 0.0
-    installs: deque[InstallResult] = field(default_factory=lambda: deque(maxlen=1000))
 
 
 class ServeService:
@@ -256,7 +221,7 @@ class ServeService:
         self.stats.compute_s += time.perf_counter() - t0
         for slate in slates:
             self.bus.publish(self.topics.slates, slate.user_id.encode(), codec.encode(slate))
-        _export_slates(self.topics.slates, slates)
+        metrics.export_slates(self.topics.slates, slates)
         self.stats.requests += len(batch)
         self.stats.slates += len(slates)
         self.stats.batches += 1
@@ -314,7 +279,7 @@ class ServeService:
             return
         self.stats.installs.append(result)
         if result.status == "swapped" and published.path:
-            _export_swap(published, self.installer.resolve(published.path))
+            metrics.export_swap(published, self.installer.resolve(published.path))
         if result.status == "refused":
             log.warning("refused snapshot %s v%d: %s", name, published.version, result.reason)
 
@@ -347,60 +312,3 @@ def _fatal(exc: Exception) -> bool:
     if not isinstance(exc, KafkaException):
         return True
     return bool(exc.args and exc.args[0].fatal())
-
-
-# -- wiring ----------------------------------------------------------------------------------
-
-
-def learner_loader(preset: str, seed: int = 0, **world_options: Any) -> PolicyLoader:
-    """The production loader: ``learner.registry.load_policy`` with the preset's WorldSpec.
-
-    A manifest that records its own ``spec`` (the sizes it was trained with) wins over the
-    preset's, so a snapshot is always rebuilt with the shapes of its tensors.
-    """
-    import torch
-
-    from recloop.core.spec import WorldSpec
-    from recloop.learner import registry
-    from recloop.worlds import learner_spec
-
-    # Inference on small batches: one thread, so serving does not fight the other processes.
-    torch.set_num_threads(1)
-    spec = learner_spec(preset, seed=seed, **world_options)
-
-    def load(algorithm: str, tensors: dict[str, np.ndarray], manifest: dict[str, Any]):
-        recorded = manifest.get("spec")
-        world = WorldSpec.from_dict(recorded) if isinstance(recorded, dict) else spec
-        return registry.load_policy(algorithm, tensors, manifest, world)
-
-    return load
-
-
-def catalogue_of(preset: str, seed: int = 0, **world_options: Any) -> tuple[int, ItemFeatures]:
-    """The preset's catalogue size and feature lookup (for requests without candidates)."""
-    from recloop.producer_sim.presets import make_world
-
-    world = make_world(preset, seed=seed, **world_options)
-    return world.catalogue.n_items, world.item_features
-
-
-def snapshot_root(settings: Settings) -> Path:
-    return settings.resolved_snapshot_dir
-
-
-def _export_slates(topic: str, slates: list[SlateServed]) -> None:
-    """Prometheus: slates out, and request-to-slate latency per policy."""
-    metrics.RECORDS_OUT.labels("serve", topic).inc(len(slates))
-    for slate in slates:
-        metrics.SERVING_LATENCY.labels(slate.policy).observe(max(0.0, slate.ts - slate.request_ts))
-
-
-def _export_swap(published: PolicyPublished, path: Path) -> None:
-    """Prometheus: the serving version, its age, and how fresh it was when it went live."""
-    metrics.SNAPSHOT_VERSION.labels("serve", published.policy).set(published.version)
-    metrics.SNAPSHOT_CREATED.labels("serve", published.policy).set(published.created_ts)
-    with contextlib.suppress(Exception):  # freshness is best effort: the manifest is local
-        service = describe_snapshot(path).manifest.get("service", {})
-        newest = float(service.get("newest_event_ts") or 0.0)
-        if newest:
-            metrics.MODEL_FRESHNESS.labels(published.policy).set(max(0.0, time.time() - newest))

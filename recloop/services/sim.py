@@ -24,20 +24,22 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from recloop import metrics
 from recloop.core import codec
-from recloop.core.events import Click, EpisodeOutcome, Record, SlateAnswer
+from recloop.core.events import Click, Record, SlateAnswer
 from recloop.core.ports import Bus
 from recloop.core.settings import Settings
 from recloop.kafka.deadletter import Consumed, Reader
 from recloop.producer_sim.cohort import Cohort, InvalidSlate
 from recloop.producer_sim.presets import make_world
 from recloop.producer_sim.world import World
+from recloop.services.sim_settings import SimConfig, SimStats
+
+__all__ = ["CONSUMER_NAME", "PRODUCER_TUNING", "SimConfig", "SimService", "SimStats"]
 
 CONSUMER_NAME = "producer_sim"
 
@@ -47,77 +49,6 @@ PRODUCER_TUNING = {
     "batch.num.messages": 10000,
     "queue.buffering.max.messages": 1000000,
 }
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """What to simulate and when to stop (0 means no limit)."""
-
-    preset: str = "interest_evolution"
-    """World preset (see producer_sim.presets)."""
-    preset_options: dict = field(default_factory=dict)
-    """Options for the preset builder, e.g. {"slate_size": 3}."""
-    users: int = 100
-    """Concurrent simulated users."""
-    seed: int = 0
-    """Seeds the catalogue and the users' behaviour."""
-    rate: float = 0.0
-    """Most requests per second (0: as fast as slates come back)."""
-    max_events: int = 0
-    """Stop once this many events (requests, feedback, outcomes) are published; the last
-    batch of answers is published whole, so the count may pass the limit by one batch."""
-    max_sessions: int = 0
-    """Start no more than this many sessions and stop when they have all ended."""
-    duration_s: float = 0.0
-    """Stop after this many seconds."""
-    slate_timeout_s: float = 5.0
-    """Resend a request that got no slate within this many seconds (0: never)."""
-    run_tag: str = ""
-    """Prefix of user ids; default: sim<seed>-<random hex>, unique per run."""
-    keep_outcomes: bool = False
-    """Keep every EpisodeOutcome in ``stats.kept_outcomes`` (the in-process report reads them)."""
-
-
-@dataclass
-class SimStats:
-    """Running counts of one simulator run."""
-
-    started_s: float = field(default_factory=time.monotonic)
-    requests: int = 0
-    retries: int = 0
-    slates: int = 0
-    invalid_slates: int = 0
-    undecodable_slates: int = 0
-    unmatched_slates: int = 0
-    feedback: int = 0
-    outcomes: int = 0
-    clicks: int = 0
-    sessions_started: int = 0
-    recent_returns: deque = field(default_factory=lambda: deque(maxlen=200))
-    returns_by_policy: dict[str, list[float]] = field(default_factory=dict)
-    kept_outcomes: list[EpisodeOutcome] = field(default_factory=list)
-
-    @property
-    def published(self) -> int:
-        return self.requests + self.retries + self.feedback + self.outcomes
-
-    @property
-    def elapsed_s(self) -> float:
-        return time.monotonic() - self.started_s
-
-    @property
-    def ctr(self) -> float:
-        return self.clicks / self.slates if self.slates else 0.0
-
-    def record_outcome(self, outcome: EpisodeOutcome, keep: bool = False) -> None:
-        self.outcomes += 1
-        if keep:
-            self.kept_outcomes.append(outcome)
-        self.recent_returns.append(outcome.total_return)
-        # Attribute the session to the policy version that served most of its slates.
-        if outcome.policy_steps:
-            key = max(outcome.policy_steps, key=outcome.policy_steps.__getitem__)
-            self.returns_by_policy.setdefault(key, []).append(outcome.total_return)
 
 
 class SimService:
@@ -132,7 +63,7 @@ class SimService:
         run_tag = config.run_tag or f"sim{config.seed}-{uuid.uuid4().hex[:6]}"
         self.cohort = Cohort(self.world, config.users, config.seed, run_tag)
         self.stats = SimStats()
-        self.gauges = OutcomeGauges()
+        self.gauges = metrics.OutcomeGauges()
         if bus is None:
             from recloop.kafka.bus import KafkaBus
 
@@ -337,33 +268,3 @@ class SimService:
     def _publish(self, topic: str, record: Record) -> None:
         user_id: str = record.user_id  # type: ignore[attr-defined]  # every record the sim sends
         self.bus.publish(topic, user_id.encode(), codec.encode(record))
-
-
-class OutcomeGauges:
-    """Prometheus: finished sessions and their ground truth per serving policy version.
-
-    Gauges hold an exponential moving average (weight 0.05 per session), so a dashboard
-    sees each version's return and CTR settle without a window of its own. The averages
-    belong to this object (one per service), not to the module.
-    """
-
-    WEIGHT = 0.05
-
-    def __init__(self) -> None:
-        self.ema: dict[tuple[str, str, str], float] = {}
-
-    def export(self, outcome: EpisodeOutcome) -> None:
-        policy, version = "unknown", "0"
-        if outcome.policy_steps:
-            key = max(outcome.policy_steps, key=outcome.policy_steps.__getitem__)
-            policy, _, version = key.rpartition(":")
-        metrics.SIM_EPISODES.labels(policy, version).inc()
-        ctr = outcome.clicks / outcome.steps if outcome.steps else 0.0
-        for name, gauge, value in (
-            ("return", metrics.SIM_RETURN, outcome.total_return),
-            ("ctr", metrics.SIM_CTR, ctr),
-        ):
-            slot = (name, policy, version)
-            previous = self.ema.get(slot)
-            self.ema[slot] = value if previous is None else previous + self.WEIGHT * (value - previous)
-            gauge.labels(policy, version).set(self.ema[slot])

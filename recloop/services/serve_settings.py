@@ -1,0 +1,41 @@
+"""The serving shell's process-level knobs and counters (the core's are in ServeConfig)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from recloop.serving.snapshots import InstallResult
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Process-level knobs of the serving shell."""
+
+    batch_size: int = 256
+    """Most requests answered per batch."""
+    poll_timeout_s: float = 0.1
+    """Longest wait for a request before the loop looks at its other duties."""
+    commit_every_s: float = 1.0
+    """How often slates are confirmed and request offsets committed."""
+    group_id: str = "recloop-serve"
+    """Consumer group of the request loop (replicas share the requests)."""
+    name: str = "recloop-serve"
+    """This consumer's name in dead-letter headers."""
+    index_kind: str = "auto"
+    """faiss index kind for snapshot item embeddings (see serving.retrieval)."""
+    faiss_threads: int = 1
+    """OpenMP threads per faiss search. One query at a time is fastest on one thread, and
+    idle OpenMP workers spinning on a busy machine multiply tail latency."""
+
+
+@dataclass
+class ServeStats:
+    """What the shell did, for the CLI's status line and for tests."""
+
+    requests: int = 0
+    slates: int = 0
+    invalid: int = 0
+    batches: int = 0
+    compute_s: float = 0.0
+    installs: deque[InstallResult] = field(default_factory=lambda: deque(maxlen=1000))
