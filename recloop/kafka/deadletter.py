@@ -181,3 +181,11 @@ class Reader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def fatal(exc: Exception) -> bool:
+    """Whether a bus error leaves its client unusable: a fatal Kafka error, or anything that
+    is not a Kafka error at all (so bugs are not swallowed as broker trouble)."""
+    error = exc.args[0] if exc.args else None
+    is_kafka = type(exc).__name__ == "KafkaException" and hasattr(error, "fatal")
+    return not is_kafka or bool(error.fatal())  # type: ignore[union-attr]

@@ -34,7 +34,8 @@ from recloop.core import codec
 from recloop.core.events import PolicyPublished, RecRequest, SessionState
 from recloop.core.ports import Bus
 from recloop.core.settings import Settings
-from recloop.kafka.deadletter import Consumed, Reader
+from recloop.kafka.deadletter import Consumed, Reader, fatal
+from recloop.services.serve_installs import Installs
 from recloop.services.serve_settings import ServeOptions, ServeStats
 from recloop.serving.fallback import PopularityCounts
 from recloop.serving.host import PolicyHost
@@ -82,9 +83,8 @@ class ServeService:
         self.stats = ServeStats()
         self.ready = threading.Event()
         self._stop = threading.Event()
-        self._pending: dict[str, PolicyPublished] = {}
-        self._pending_cv = threading.Condition()
         self._errors: deque[str] = deque(maxlen=20)
+        self.installs = Installs(self.installer, self.stats.installs, self._errors)
         if bus is None:
             from recloop.kafka.bus import KafkaBus
 
@@ -130,23 +130,18 @@ class ServeService:
             if isinstance(record, SessionState):
                 self.cache.update(record)
             elif isinstance(record, PolicyPublished):
-                self._announce(record)
+                self.installs.announce(record)
 
     def install_pending(self) -> None:
         """Install every pending announcement (newest per policy), in this thread."""
-        while self._pending:
-            with self._pending_cv:
-                name = next(iter(self._pending))
-                published = self._pending.pop(name)
-            self._install(name, published)
+        self.installs.install_pending()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Ask every loop to finish (safe from a signal handler)."""
         self._stop.set()
-        with self._pending_cv:
-            self._pending_cv.notify_all()
+        self.installs.wake()
 
     def run(
         self,
@@ -156,7 +151,8 @@ class ServeService:
     ) -> ServeStats:
         """Serve until ``stop()`` (or ``max_seconds``); returns the final stats."""
         side = threading.Thread(target=self._side_loop, name="serve-side", daemon=True)
-        installer = threading.Thread(target=self._install_loop, name="serve-install", daemon=True)
+        installer = threading.Thread(target=self.installs.run_until, args=(self._stop,),
+                                     name="serve-install", daemon=True)  # fmt: skip
         requests = self.requests
         side.start()
         installer.start()
@@ -168,7 +164,7 @@ class ServeService:
                 try:
                     self.step(self.options.poll_timeout_s, side=False)
                 except Exception as exc:
-                    if _fatal(exc):
+                    if fatal(exc):
                         raise
                     # Transient broker trouble (a leader moving, a reconnect): note it, go on.
                     self._errors.append(f"poll: {exc}")
@@ -235,7 +231,7 @@ class ServeService:
         try:
             self._requests.commit()
         except Exception as exc:
-            if _fatal(exc):
+            if fatal(exc):
                 raise
             # A rebalance can reject the commit; the requests will be answered again, not lost.
             self._errors.append(f"commit: {exc}")
@@ -252,36 +248,6 @@ class ServeService:
         finally:
             if self._side is not None:
                 self._side.close()
-
-    def _announce(self, published: PolicyPublished) -> None:
-        with self._pending_cv:
-            queued = self._pending.get(published.policy)
-            if queued is None or published.version > queued.version:
-                self._pending[published.policy] = published
-            self._pending_cv.notify_all()
-
-    def _install_loop(self) -> None:
-        while True:
-            with self._pending_cv:
-                while not self._pending and not self._stop.is_set():
-                    self._pending_cv.wait(timeout=0.5)
-                if self._stop.is_set():
-                    return
-                name = next(iter(self._pending))
-                published = self._pending.pop(name)
-            self._install(name, published)
-
-    def _install(self, name: str, published: PolicyPublished) -> None:
-        try:
-            result = self.installer.install(published)
-        except Exception as exc:  # the loop must outlive any one bad snapshot
-            self._errors.append(f"install {name} v{published.version}: {exc!r}")
-            return
-        self.stats.installs.append(result)
-        if result.status == "swapped" and published.path:
-            metrics.export_swap(published, self.installer.resolve(published.path))
-        if result.status == "refused":
-            log.warning("refused snapshot %s v%d: %s", name, published.version, result.reason)
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -302,13 +268,3 @@ class ServeService:
             "compute_ms_per_request": 1000 * self.stats.compute_s / max(self.stats.slates, 1),
             "errors": list(self._errors),
         }
-
-
-def _fatal(exc: Exception) -> bool:
-    """Whether a bus error leaves the client unusable (a fatal Kafka error; anything that
-    is not a Kafka error is treated as fatal too, so bugs are not swallowed)."""
-    from confluent_kafka import KafkaException
-
-    if not isinstance(exc, KafkaException):
-        return True
-    return bool(exc.args and exc.args[0].fatal())
