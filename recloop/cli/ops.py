@@ -1,15 +1,14 @@
-"""Operating commands: ``recloop lag`` and ``recloop report``."""
+"""Operating commands: ``recloop lag`` (view in ``recloop.ops.lag_view``) and ``recloop report``
+(built by ``recloop.ops.report``)."""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from recloop.cli.preflight import kafka_reason, require_broker, unreachable_message
 from recloop.core.settings import Settings
@@ -35,40 +34,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     )(report)
 
 
-def _lag_rows(settings: Settings, groups: list[str]) -> list[dict]:
-    from recloop.kafka.lag import committed_topics, group_lag
-
-    rows = []
-    for group in groups:
-        for lag in group_lag(settings, group, committed_topics(settings, group)):
-            rows.append(asdict(lag))
-    return rows
-
-
-def _lag_table(rows: list[dict]) -> Table:
-    table = Table(title="consumer-group lag")
-    for col in ("group", "topic", "partition", "committed", "log end", "lag", "lag s"):
-        table.add_column(col, justify="right")
-    totals: dict[str, tuple[int, float]] = {}
-    for r in rows:
-        seconds = "-" if r["lag_seconds"] is None else f"{r['lag_seconds']:.1f}"
-        committed = "-" if r["committed"] is None else str(r["committed"])
-        table.add_row(
-            r["group"],
-            r["topic"],
-            str(r["partition"]),
-            committed,
-            str(r["log_end"]),
-            str(r["lag"]),
-            seconds,
-        )
-        msgs, secs = totals.get(r["group"], (0, 0.0))
-        totals[r["group"]] = (msgs + r["lag"], max(secs, r["lag_seconds"] or 0.0))
-    for group, (msgs, secs) in totals.items():
-        table.add_row(f"[bold]{group}[/]", "total", "", "", "", f"[bold]{msgs}[/]", f"{secs:.1f}")
-    return table
-
-
 def lag(
     group: list[str] = typer.Option([], "--group", help="Group(s) to show; default: recloop's."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead."),
@@ -77,6 +42,7 @@ def lag(
     from confluent_kafka import KafkaException
 
     from recloop.kafka.lag import recloop_groups
+    from recloop.ops.lag_view import lag_rows, lag_table
 
     settings = Settings()
     console = Console()
@@ -84,13 +50,13 @@ def lag(
         while True:
             require_broker(settings, "read consumer-group lag")
             groups = group or recloop_groups(settings)
-            rows = _lag_rows(settings, groups)
+            rows = lag_rows(settings, groups)
             if as_json:
                 print(json.dumps({"ts": time.time(), "partitions": rows}))
             else:
                 if watch:
                     console.clear()
-                console.print(_lag_table(rows) if rows else "no recloop consumer groups found")
+                console.print(lag_table(rows) if rows else "no recloop consumer groups found")
             if not watch:
                 return
             time.sleep(watch)
