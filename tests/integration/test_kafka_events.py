@@ -62,7 +62,7 @@ def test_every_event_type_round_trips_through_the_dlq_consumer(kafka_settings: S
         assert c.key == key_of(c.value).encode()
 
 
-def test_demo_round_trip_reads_past_an_earlier_runs_records(kafka_settings: Settings):
+def test_a_new_group_reads_from_the_start_past_an_earlier_runs_records(kafka_settings: Settings):
     first = round_trip(kafka_settings, example_events(ts=1_700_000_000.0))
     second_sent = example_events(ts=1_700_000_100.0)
     second = round_trip(kafka_settings, second_sent)
