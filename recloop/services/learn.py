@@ -23,8 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -33,11 +32,13 @@ from recloop.core import codec
 from recloop.core.events import PolicyPublished, Transition
 from recloop.core.ports import Bus
 from recloop.core.settings import Settings
-from recloop.core.snapshot import announced_path, latest_snapshot, read_snapshot, write_snapshot
 from recloop.core.spec import WorldSpec
 from recloop.kafka.deadletter import Reader
 from recloop.learner import publishing, registry
-from recloop.learner.publishing import id_digest  # noqa: F401  (tests import it from here)
+from recloop.learner.publishing import id_digest
+from recloop.services.learn_snapshots import DiskSnapshots, Snapshots
+
+__all__ = ["DiskSnapshots", "LearnConfig", "LearnerService", "Snapshots", "id_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -60,46 +61,6 @@ class LearnConfig:
     """How many recent transition ids are remembered (and saved) to drop re-deliveries."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Algorithm Config overrides."""
-
-
-class Snapshots(Protocol):
-    """Where the learner's snapshots go: ``latest`` to resume from, ``write`` to publish."""
-
-    def latest(self, policy: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None: ...
-
-    def write(self, policy: str, version: int, agent: Any, ids: list[str],
-              manifest: dict[str, Any]) -> PolicyPublished: ...  # fmt: skip
-
-
-class DiskSnapshots:
-    """Snapshots as files under ``root`` (``recloop.core.snapshot``), recorded in storage."""
-
-    def __init__(self, root: Path, storage: Any) -> None:
-        self.root, self.storage = root, storage
-        self.last_ref: Any = None
-
-    def latest(self, policy: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-        ref = latest_snapshot(self.root, policy)
-        if ref is None:
-            return None
-        tensors, manifest = read_snapshot(ref.path, ref.weights_sha256, ref.manifest_sha256)
-        # A crash between writing and recording leaves the row missing: record it again.
-        self.storage.record_snapshot(ref.meta())
-        return tensors, manifest
-
-    def write(self, policy: str, version: int, agent: Any, ids: list[str],
-              manifest: dict[str, Any]) -> PolicyPublished:  # fmt: skip
-        tensors = dict(agent.state_tensors())
-        tensors[publishing.APPLIED_IDS_KEY] = publishing.pack_ids(ids)
-        ref = write_snapshot(self.root, policy, version, tensors, manifest)
-        self.storage.record_snapshot(ref.meta())
-        self.last_ref = ref
-        return PolicyPublished(
-            policy=policy, algorithm=manifest["algorithm"], version=version,
-            path=announced_path(self.root, ref.path), weights_sha256=ref.weights_sha256,
-            manifest_sha256=ref.manifest_sha256, created_ts=ref.created_ts,
-            transitions_applied=manifest["transitions_applied"], metrics=manifest["metrics"],
-        )  # fmt: skip
 
 
 class LearnerService:
