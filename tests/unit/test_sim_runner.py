@@ -69,6 +69,8 @@ def test_sink_gets_every_event_in_causal_order_per_user() -> None:
         outcomes[outcome.user_id] = outcome
     assert sorted(o.total_return for o in outcomes.values()) == sorted(report.return_E.tolist())
     assert sum(o.clicks for o in outcomes.values()) == report.clicks_E.sum()
+    # Both branches of the stream check ran: steps with a click and steps without one.
+    assert 0 < report.clicks_E.sum() < report.steps_E.sum()
 
 
 def _check_user_stream(events, k: int, n_cand: int) -> int:
