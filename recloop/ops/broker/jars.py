@@ -54,6 +54,8 @@ class LibsInfo:
 
 
 def pom(version: str) -> str:
+    """A Maven project that only declares the jars to copy: the broker, the command-line
+    tools without connect-runtime (it drags in Jetty and Jersey), and the log4j2 binding."""
     deps = [
         ("org.apache.kafka", f"kafka_{SCALA_VERSION}", version, ""),
         (
@@ -138,10 +140,10 @@ def ensure_kafka_libs(cache_dir: Path | None = None, version: str = KAFKA_VERSIO
 
 def java() -> str:
     """The ``java`` executable, or a ``BrokerError`` that says to install it."""
-    java = shutil.which("java")
-    if java is None:
+    path = shutil.which("java")
+    if path is None:
         raise BrokerError("Java 17+ ('java') is needed to run the Kafka broker; install it first")
-    return java
+    return path
 
 
 def classpath(libs_dir: Path) -> str:
