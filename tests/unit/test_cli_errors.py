@@ -36,6 +36,8 @@ def test_unreachable_broker_names_the_setting_and_the_fix(args, monkeypatch, tmp
         (["learn", "--config", "no_such_field=1"], "unknown config field"),
         (["serve", "--fallback", "oracle"], "oracle"),
         (["demo", "--algo", "nope"], "unknown algorithm 'nope'"),
+        (["demo", "--bootstrap", "localhost"], "'localhost' is not host:port"),
+        (["demo", "--bootstrap", "localhost:kafka"], "is not host:port"),
     ],
 )
 def test_bad_arguments_are_named(args, expected, monkeypatch, tmp_path) -> None:
