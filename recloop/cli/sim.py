@@ -8,7 +8,6 @@ import threading
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
 from recloop.cli.preflight import require_broker
 from recloop.core.settings import Settings
@@ -83,6 +82,7 @@ def sim(
     bootstrap: str = typer.Option(None, help="Kafka bootstrap (default: RECLOOP_KAFKA_BOOTSTRAP)."),
 ) -> None:
     from recloop.metrics import serve_metrics
+    from recloop.ops.sim_view import progress_table
     from recloop.services.sim import SimConfig, SimService
 
     options = _preset_options(preset, slate_size, candidates)
@@ -117,33 +117,6 @@ def sim(
     console.print(
         f"\ndone: {stats.outcomes} sessions, {stats.published} events published, {stats.retries} retries"
     )
-
-
-def progress_table(stats) -> Table:
-    """The live view: traffic, failures, and the ground truth per served policy version."""
-    elapsed = max(stats.elapsed_s, 1e-9)
-    table = Table(title=f"recloop sim, {elapsed:.0f} s", show_header=False)
-    recent = list(stats.recent_returns)
-    rows = [
-        (
-            "requests / slates",
-            f"{stats.requests:,} / {stats.slates:,} ({stats.slates / elapsed:,.0f} steps/s)",
-        ),
-        ("events published", f"{stats.published:,} ({stats.published / elapsed:,.0f}/s)"),
-        ("retries (timeouts)", f"{stats.retries:,}"),
-        ("dead-lettered slates", f"{stats.invalid_slates + stats.undecodable_slates:,}"),
-        ("unmatched slates", f"{stats.unmatched_slates:,}"),
-        ("sessions ended", f"{stats.outcomes:,} of {stats.sessions_started:,} started"),
-        ("CTR (clicks/slate)", f"{stats.ctr:.3f}"),
-        ("mean return (last 200)", f"{sum(recent) / len(recent):.1f}" if recent else "-"),
-    ]
-    for key, returns in sorted(stats.returns_by_policy.items())[-5:]:
-        rows.append(
-            (f"return, {key}", f"{sum(returns) / len(returns):.1f} over {len(returns)} sessions")
-        )
-    for name, value in rows:
-        table.add_row(name, value)
-    return table
 
 
 def bench_sim(
