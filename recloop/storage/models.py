@@ -1,6 +1,6 @@
 """Tables: snapshot metadata, experiment runs, per-version outcomes, and metric samples.
 
-Every change to these classes needs a migration under ``storage/migrations/versions``; the
+Every change to these classes needs a migration under ``recloop/storage/migrations/versions``; the
 integration tests compare the migrated schema against these models on SQLite and PostgreSQL.
 """
 
