@@ -1,4 +1,4 @@
-"""Applying the alembic migrations shipped in ``recloop/storage/migrations``, safely from many processes.
+"""Applying the alembic migrations in ``recloop/storage/migrations``, safe from many processes.
 
 The demo starts several processes against one database at once, and each may call
 ``migrate``; a lock (a PostgreSQL advisory lock, or a lock file beside a SQLite database)
