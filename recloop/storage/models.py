@@ -1,7 +1,8 @@
 """Tables: snapshot metadata, experiment runs, per-version outcomes, and metric samples.
 
 Every change to these classes needs a migration under
-``recloop/storage/migrations/versions``; the integration tests compare the migrated schema against these models on SQLite and PostgreSQL.
+``recloop/storage/migrations/versions``; the integration tests compare the migrated schema
+against these models on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
