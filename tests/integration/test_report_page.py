@@ -208,7 +208,12 @@ def test_summary_tables_list_both_policies_with_their_totals(report: Path, tmp_p
         episodes = sum(o.episodes for o in windows)
         mean_return = sum(o.mean_return * o.episodes for o in windows) / episodes
         versions = len({o.version for o in windows})
+        # CTR per served slate, clicked quality per click: both weighted by the windows' sizes.
+        slates = sum(o.served_slates for o in windows)
+        clicks = sum(o.ctr * o.served_slates for o in windows)
+        quality = sum(o.clicked_quality * o.ctr * o.served_slates for o in windows) / clicks
         row = rows[policy]
         assert int(row[1]) == episodes, (policy, row)
         assert row[2] == f"{mean_return:.2f}", (policy, row)
+        assert (row[3], row[4]) == (f"{clicks / slates:.3f}", f"{quality:.3f}"), (policy, row)
         assert int(row[5]) == versions, (policy, row)
