@@ -59,10 +59,10 @@ def discounted_returns(reward_T: np.ndarray, done_T: np.ndarray, gamma: float) -
 @torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """θ' ← τθ + (1-τ)θ' for every parameter (buffers are copied)."""
-    for t, s in zip(target.parameters(), source.parameters(), strict=True):
-        t.lerp_(s, tau)
-    for t, s in zip(target.buffers(), source.buffers(), strict=True):
-        t.copy_(s)
+    for p_t, p_s in zip(target.parameters(), source.parameters(), strict=True):
+        p_t.lerp_(p_s, tau)
+    for b_t, b_s in zip(target.buffers(), source.buffers(), strict=True):
+        b_t.copy_(b_s)
 
 
 @torch.no_grad()
@@ -184,7 +184,7 @@ def select_slate_enumerate(v_N: np.ndarray, q_N: np.ndarray, v_null: float, k: i
     """Brute force over all C(N, k) slates: only for tiny catalogues (and tests)."""
     idx = np.flatnonzero(_valid(v_N, mask_N))
     v, q = np.asarray(v_N, np.float64), np.asarray(q_N, np.float64)
-    best, best_val = None, -np.inf
+    best, best_val = np.zeros(0, np.int64), -np.inf
     for slate in combinations(idx, min(k, len(idx))):
         s = np.array(slate)
         val = float((v[s] * q[s]).sum() / (v_null + v[s].sum()))

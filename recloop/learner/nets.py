@@ -135,12 +135,13 @@ class ItemTower(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        out = None
+        out: torch.Tensor | None = None
         if self.ids is not None:
             out = self.ids(ids)
         if self.features is not None:
             f = self.features(features)
             out = f if out is None else out + f
+        assert out is not None  # the constructor refuses a tower with neither part
         return out
 
 
