@@ -1,10 +1,13 @@
 """What every agent shares around its own maths: counters, the replay schedule, snapshots.
 
-An algorithm subclasses ``ReplayAgent``, sets ``config``, ``spec``, ``replay`` and ``_policy``
-(and the three counters, at 0) in its constructor, names its stateful parts in ``_snapshot_parts`` and implements ``update``
-(or ``_update_on`` when a replay sample is more than a list of transitions). Hooks it may
-override: ``_entering`` (what a batch of transitions puts into replay), ``_snapshot_extra`` and
-``_load_extra`` (arrays beyond modules, optimisers, the policy RNG, counters and replay).
+``ReplayAgent`` implements the ``learner.contract.Agent`` protocol once. An algorithm
+subclasses it, calls ``super().__init__(config, spec, seed)`` (which sets those and the three
+counters, at 0), sets ``replay`` and ``_policy`` in its constructor, names its stateful parts
+in ``_snapshot_parts`` and implements
+``update(batch) -> <its Metrics record>`` (or ``_update_on`` when a replay sample is more than
+a list of transitions). Hooks it may override: ``_entering`` (what a batch of transitions puts
+into replay), ``_snapshot_extra`` and ``_load_extra`` (arrays beyond modules, optimisers, the
+policy RNG, counters and replay).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from recloop.core.events import Transition
 from recloop.core.spec import WorldSpec
 from recloop.learner import checkpoint
 from recloop.learner.batch import to_batch
+from recloop.learner.contract import Metrics
+from recloop.learner.policy import SeededPolicy
 from recloop.learner.replay import ReplayBuffer, learn_from_replay
 
 
@@ -28,13 +33,23 @@ class ReplayAgent:
     config: Any  # the algorithm's Config, a ReplayConfig
     spec: WorldSpec
     replay: ReplayBuffer
-    _policy: Any  # a learner.policy.SeededPolicy
+    _policy: SeededPolicy
 
     transitions_applied: int
     updates: int
     _due: int  # update credit carried between calls (replay.due_updates)
 
-    def learn_many(self, transitions: Sequence[Transition]) -> dict[str, float]:
+    def __init__(self, config: Any, spec: WorldSpec, seed: int) -> None:
+        self.config, self.spec, self.seed = config, spec, seed
+        self.transitions_applied = 0
+        self.updates = 0
+        self._due = 0
+
+    @property
+    def name(self) -> str:
+        return self._policy.name
+
+    def learn_many(self, transitions: Sequence[Transition]) -> Metrics | None:
         entering = self._entering(transitions)
         self.transitions_applied += len(transitions)
         metrics, self._due = learn_from_replay(self.replay, self.config, entering, self._due,
@@ -45,17 +60,17 @@ class ReplayAgent:
         """What ``transitions`` put into replay (the transitions themselves by default)."""
         return transitions
 
-    def _update_on(self, sample: Any) -> dict[str, float]:
+    def _update_on(self, sample: Any) -> Metrics:
         """One update on a replay sample (a list of transitions by default)."""
         return self.update(to_batch(sample, self.spec))
 
-    def update(self, batch: Any) -> dict[str, float]:
+    def update(self, batch: Any) -> Metrics:
         raise NotImplementedError
 
-    def policy(self) -> Any:
+    def policy(self) -> SeededPolicy:
         return self._policy
 
-    def config_dict(self) -> dict:
+    def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
     # ---- snapshots

@@ -4,7 +4,9 @@
     policy = load_policy("slateq", tensors, manifest, spec)   # serving side, inference only
 
 Each name maps to a module in ``recloop.learner.algorithms`` plus config overrides that define the
-variant ("slateq_myopic" is SlateQ with γ = 0, the paper's MYOP-TS).
+variant ("slateq_myopic" is SlateQ with γ = 0, the paper's MYOP-TS). A module names its parts
+explicitly: ``Config`` (frozen), ``AGENT`` (its agent class, built as
+``AGENT(config, spec, seed)``, an ``learner.contract.Agent``) and ``load_policy``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from recloop.core.spec import WorldSpec
+from recloop.learner.agent import ReplayAgent
 
 _ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
     "mf": ("recloop.learner.algorithms.mf", {}),
@@ -65,24 +68,22 @@ def make_config(name: str, **overrides: Any):
     return mod.Config(**merged)
 
 
-def make_agent(name: str, spec: WorldSpec, seed: int, **overrides: Any):
-    """A fresh learning agent for ``name`` (``overrides`` are Config fields)."""
+def make_agent(name: str, spec: WorldSpec, seed: int, **overrides: Any) -> ReplayAgent:
+    """A fresh learning agent for ``name`` (``overrides`` are Config fields). Every agent is a
+    ``ReplayAgent``, so it meets ``learner.contract.Agent``; the services need no more."""
+    return agent_class(name)(make_config(name, **overrides), spec, seed)
+
+
+def agent_class(name: str) -> type[ReplayAgent]:
+    """The agent class the algorithm's module names as ``AGENT``."""
     mod = module(name)
-    return getattr(mod, _agent_class(mod))(make_config(name, **overrides), spec, seed)
+    cls = getattr(mod, "AGENT", None)
+    if not (isinstance(cls, type) and issubclass(cls, ReplayAgent)):
+        raise TypeError(f"{mod.__name__} must name its agent class, a ReplayAgent, as AGENT")
+    return cls
 
 
 def load_policy(name: str, tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec):
     """An inference-only policy from a snapshot's tensors and manifest."""
     return module(name).load_policy(tensors, manifest, spec)
 
-
-def _agent_class(mod: ModuleType) -> str:
-    # Defined in the module itself: an imported base class (learner.agent) does not count.
-    agents = [
-        n for n in dir(mod)
-        if n.endswith("Agent") and not n.startswith("_")
-        and getattr(getattr(mod, n), "__module__", None) == mod.__name__
-    ]  # fmt: skip
-    if len(agents) != 1:
-        raise TypeError(f"{mod.__name__} must define exactly one *Agent class, found {agents}")
-    return agents[0]

@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from recloop.core import codec
 from recloop.core.events import Transition
+
+M = TypeVar("M")  # an algorithm's metrics record
 
 _SEP = b"\n"  # compact JSON never contains a raw newline, so it can separate tuple members
 
@@ -213,15 +215,15 @@ class PrioritisedReplay(ReplayBuffer):
 
 
 def learn_from_replay(replay: ReplayBuffer, config: ReplayConfig, entering: Sequence[Any],
-                      credit: int, update: Callable[[Any], dict[str, float]],
-                      ) -> tuple[dict[str, float], int]:
+                      credit: int, update: Callable[[Any], M],
+                      ) -> tuple[M | None, int]:
     """Pushes ``entering`` into replay, then runs the updates now due (``due_updates``), each
-    ``update(replay.sample(batch_size))``. Returns the last update's metrics ({} when none was
-    due) and the credit left over for the next call."""
+    ``update(replay.sample(batch_size))``. Returns the last update's metrics (None when none
+    was due) and the credit left over for the next call."""
     replay.push(entering)
     n, credit = due_updates(credit + len(entering), len(replay), config.update_every,
                             config.learning_starts, config.replay_capacity)
-    metrics: dict[str, float] = {}
+    metrics: M | None = None
     for _ in range(n):
         metrics = update(replay.sample(config.batch_size))
     return metrics, credit

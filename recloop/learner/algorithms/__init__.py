@@ -1,4 +1,5 @@
-"""One module per algorithm; each defines Config, <Name>Policy, <Name>Agent and load_policy.
+"""One module per algorithm; each defines ``Config``, its policy, its agent class (named as
+``AGENT``), its ``Metrics`` record, ``EXPLORATION_STREAM`` and ``load_policy``.
 
 Pick one by name through ``learner.registry``.
 """

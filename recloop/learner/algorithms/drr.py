@@ -54,43 +54,52 @@ import torch.nn.functional as F
 from torch import nn
 
 from recloop.core.events import Transition
-from recloop.core.ports import Candidates, Observation, Slate
+from recloop.core.ports import Candidates
 from recloop.core.spec import WorldSpec
 from recloop.learner import checkpoint, nets
+from recloop.learner.actor_critic import ActorCriticConfig, remember_features, slate_rewards
 from recloop.learner.agent import ReplayAgent
-from recloop.learner.batch import StateBatch, TransitionBatch, request_batch, to_batch
+from recloop.learner.batch import RequestBatch, StateBatch, TransitionBatch, to_batch
+from recloop.learner.contract import Metrics
 from recloop.learner.maths import soft_update, td_target
-from recloop.learner.policy import SeededPolicy
-from recloop.learner.replay import PrioritisedReplay, ReplayConfig
+from recloop.learner.policy import Ranking, SeededPolicy
+from recloop.learner.replay import PrioritisedReplay
 from recloop.learner.spec import config_from_dict
 
 STATE_REPS = ("ave", "p", "u")
+EXPLORATION_STREAM = 13
+"""The serving policy's random stream (``learner.policy`` lists every algorithm's)."""
 
 
 @dataclass(frozen=True)
-class Config(ReplayConfig):
-    dim: int = 16
-    """D, the dimension of item, user and action vectors."""
+class Config(ActorCriticConfig):
+    """``ActorCriticConfig`` (D is the dimension of item, user and action vectors; critic_lr
+    also trains the state representation module) plus DRR's own fields."""
+
     state_rep: str = "ave"
     """State representation module: "ave" (DRR-ave), "p" (DRR-p) or "u" (DRR-u)."""
-    hidden: tuple[int, ...] = (64, 64)
-    """Hidden layers of the actor and of the critic."""
-    actor_lr: float = 1e-3
-    """Adam learning rate of the actor."""
-    critic_lr: float = 1e-3
-    """Adam learning rate of the critic and of the state representation module."""
-    gamma: float = 0.9
-    """Discount γ."""
-    tau: float = 0.01
-    """Soft target update rate τ."""
     per_alpha: float = 0.6
     """Prioritisation exponent α (0 = uniform)."""
     per_beta: float = 0.4
     """Importance-weight exponent β (1 = full correction)."""
-    epsilon: float = 0.1
-    """ε-greedy serving: with probability ε the whole slate is uniform."""
-    grad_clip: float = 10.0
-    """Global gradient-norm clip for each network."""
+
+
+@dataclass(frozen=True)
+class DRRMetrics(Metrics):
+    """One DDPG step (critic, then actor, then the soft target update)."""
+
+    critic_loss: float
+    """Importance-weighted squared TD error over the shown items."""
+    actor_loss: float
+    """-mean Q(s, π(s))."""
+    q_mean: float
+    """Mean Q(s, e_a) over the shown items."""
+    target_mean: float
+    """Mean TD target over the shown items."""
+    td_abs: float
+    """Mean |δ| per transition (the new replay priorities)."""
+    updates: float
+    """Updates so far, this one included."""
 
 
 # ------------------------------------------------------------ state representation module
@@ -176,12 +185,6 @@ class DRRNet(nn.Module):
         return [*self.rep.parameters(), *self.critic.parameters()]
 
 
-def slate_rewards(batch: TransitionBatch) -> torch.Tensor:
-    """r_BK: the click's reward for the consumed slate item, 0 for the skipped ones."""
-    hit_BK = torch.arange(batch.slate_BK.shape[1]).unsqueeze(0) == batch.chosen_B.unsqueeze(1)
-    return torch.where(hit_BK, batch.reward_B.unsqueeze(1), torch.zeros(()))
-
-
 # -------------------------------------------------------------------------------- policy
 
 
@@ -190,8 +193,9 @@ class DRRPolicy(SeededPolicy):
 
     def __init__(self, net: DRRNet, features_IF: torch.Tensor, config: Config, spec: WorldSpec,
                  seed: int, version: int = 0) -> None:
-        super().__init__("drr", version, seed, stream=13)
+        super().__init__("drr", version, seed, stream=EXPLORATION_STREAM)
         self.net, self.features_IF, self.config, self.spec = net, features_IF, config, spec
+        self.epsilon = config.epsilon
         self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def _catalogue(self) -> torch.Tensor:
@@ -204,9 +208,11 @@ class DRRPolicy(SeededPolicy):
                                                    self.features_IF))
         return self._cache[1]
 
-    @torch.no_grad()
-    def recommend(self, observation: Observation, candidates: Candidates, k: int) -> Slate:
-        req = request_batch(observation, candidates, self.spec)
+    def _candidates(self, candidates: Candidates) -> Candidates:
+        """An empty list stays empty: ``_score`` ranks the catalogue's remembered items."""
+        return candidates
+
+    def _score(self, req: RequestBatch, candidates: Candidates, k: int) -> Ranking:
         a_D = self.net.act(self.net.rep(req.state, self.features_IF))[0]
         if len(candidates) == 0:  # the whole catalogue
             ids_N, e_ND = np.arange(self.spec.n_items, dtype=np.int64), self._catalogue()
@@ -214,10 +220,7 @@ class DRRPolicy(SeededPolicy):
             ids_N = candidates.ids.astype(np.int64)
             e_ND = self.net.rep.embed(req.candidates_BN, req.cand_features_BNF)[0]
         scores_N = e_ND @ a_D
-        top_K = torch.topk(scores_N, k).indices.numpy()
-        idx_K, prop_K = self.epsilon_explore(top_K, len(ids_N), self.config.epsilon)
-        return Slate(items=ids_N[idx_K], scores=scores_N.numpy()[idx_K].astype(np.float64),
-                     propensities=prop_K)
+        return Ranking.dense(ids_N, torch.topk(scores_N, k).indices.numpy(), scores_N.numpy())
 
     @torch.no_grad()
     def item_embeddings(self) -> np.ndarray:
@@ -230,8 +233,10 @@ class DRRPolicy(SeededPolicy):
 class DRRAgent(ReplayAgent):
     """DDPG with target networks and proportional prioritised replay."""
 
+    replay: PrioritisedReplay
+
     def __init__(self, config: Config, spec: WorldSpec, seed: int) -> None:
-        self.config, self.spec, self.seed = config, spec, seed
+        super().__init__(config, spec, seed)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.net = DRRNet(config, spec)
@@ -242,14 +247,6 @@ class DRRAgent(ReplayAgent):
         self.replay = PrioritisedReplay(config.replay_capacity, seed, alpha=config.per_alpha,
                                         beta=config.per_beta)
         self._policy = DRRPolicy(self.net, self.features_IF, config, spec, seed)
-        self.transitions_applied = 0
-        self.updates = 0
-        self._due = 0
-
-    def _remember_features(self, ids_BN: torch.Tensor, feats_BNF: torch.Tensor) -> None:
-        if self.spec.item_feature_dim and ids_BN.numel():
-            real = ids_BN >= 0
-            self.features_IF[ids_BN[real]] = feats_BNF[real]
 
     @torch.no_grad()
     def target_value(self, batch: TransitionBatch) -> torch.Tensor:
@@ -257,14 +254,16 @@ class DRRAgent(ReplayAgent):
         s_BS = self.target.rep(batch.next_state, self.features_IF)
         return self.target.critic(s_BS, self.target.act(s_BS))
 
-    def update(self, batch: TransitionBatch) -> dict[str, float]:
+    def update(self, batch: TransitionBatch) -> DRRMetrics:
         return self._update(batch, torch.ones(batch.size))[0]
 
-    def _update(self, batch: TransitionBatch, weights_B: torch.Tensor):
+    def _update(self, batch: TransitionBatch,
+                weights_B: torch.Tensor) -> tuple[DRRMetrics, torch.Tensor]:
         """One DDPG step with importance weights; returns (metrics, |δ| per transition)."""
         cfg = self.config
-        self._remember_features(batch.candidates_BN, batch.cand_features_BNF)
-        self._remember_features(batch.next_candidates_BN, batch.next_cand_features_BNF)
+        remember_features(self.features_IF, batch.candidates_BN, batch.cand_features_BNF)
+        remember_features(self.features_IF, batch.next_candidates_BN,
+                          batch.next_cand_features_BNF)
         shown_BK = batch.slate_mask_BK.float()
         y_BK = td_target(slate_rewards(batch), self.target_value(batch).unsqueeze(1),
                          batch.done_B.unsqueeze(1), cfg.gamma)
@@ -293,14 +292,14 @@ class DRRAgent(ReplayAgent):
         soft_update(self.target, self.net, cfg.tau)
         self.updates += 1
         td_abs_B = td_BK.detach().abs().sum(1) / shown_BK.sum(1).clamp(min=1)
-        metrics = {"critic_loss": critic_loss.item(), "actor_loss": actor_loss.item(),
-                   "q_mean": ((q_BK.detach() * shown_BK).sum() / n_shown).item(),
-                   "target_mean": ((y_BK * shown_BK).sum() / n_shown).item(),
-                   "td_abs": td_abs_B.mean().item(), "updates": float(self.updates)}
+        metrics = DRRMetrics(critic_loss=critic_loss.item(), actor_loss=actor_loss.item(),
+                             q_mean=((q_BK.detach() * shown_BK).sum() / n_shown).item(),
+                             target_mean=((y_BK * shown_BK).sum() / n_shown).item(),
+                             td_abs=td_abs_B.mean().item(), updates=float(self.updates))
         return metrics, td_abs_B
 
     def _update_on(self, sample: tuple[list[Transition], np.ndarray, np.ndarray]
-                   ) -> dict[str, float]:
+                   ) -> DRRMetrics:
         """One weighted update on a prioritised sample, then its slots' new priorities."""
         items, slots, weights = sample
         metrics, td_abs_B = self._update(to_batch(items, self.spec), torch.from_numpy(weights))
@@ -317,6 +316,9 @@ class DRRAgent(ReplayAgent):
 
     def _load_extra(self, tensors: dict[str, np.ndarray]) -> None:
         self.features_IF.copy_(torch.from_numpy(np.array(tensors["item_features"])))
+
+
+AGENT = DRRAgent
 
 
 def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec) -> DRRPolicy:

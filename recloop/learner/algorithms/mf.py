@@ -30,14 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recloop.core.ports import Candidates, Observation, Slate
+from recloop.core.ports import Candidates
 from recloop.core.spec import WorldSpec
 from recloop.learner import checkpoint, nets
 from recloop.learner.agent import ReplayAgent
-from recloop.learner.batch import TransitionBatch, request_batch, whole_catalogue
-from recloop.learner.policy import SeededPolicy
+from recloop.learner.batch import RequestBatch, TransitionBatch
+from recloop.learner.contract import Metrics
+from recloop.learner.policy import Ranking, SeededPolicy
 from recloop.learner.replay import ReplayBuffer, ReplayConfig
 from recloop.learner.spec import config_from_dict
+
+EXPLORATION_STREAM = 5
+"""The serving policy's random stream (``learner.policy`` lists every algorithm's)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,20 @@ class Config(ReplayConfig):
     """Include the null item in the pairs (see the module docstring)."""
     epsilon: float = 0.1
     """Serving explores: with probability ε the whole slate is uniform (honest propensities)."""
+
+
+@dataclass(frozen=True)
+class MFMetrics(Metrics):
+    """One BPR update."""
+
+    bpr_loss: float
+    """-mean log σ(winner - loser) over the batch's pairs (0 when it has none)."""
+    pair_accuracy: float
+    """Share of pairs the model already orders right, before the step."""
+    pairs: float
+    """Number of (winner, loser) pairs in the batch."""
+    updates: float
+    """Updates so far, this one included."""
 
 
 class MFNet(nn.Module):
@@ -111,29 +129,24 @@ class MFPolicy(SeededPolicy):
 
     def __init__(self, net: MFNet, config: Config, spec: WorldSpec, seed: int,
                  version: int = 0) -> None:
-        super().__init__("mf", version, seed, stream=7)
-        self.net, self.config, self.spec = net, config, spec
+        super().__init__("mf", version, seed, stream=EXPLORATION_STREAM)
+        self.net, self.config, self.spec, self.epsilon = net, config, spec, config.epsilon
 
-    @torch.no_grad()
-    def recommend(self, observation: Observation, candidates: Candidates, k: int) -> Slate:
-        if len(candidates) == 0:
-            candidates = whole_catalogue(self.spec)
-        req = request_batch(observation, candidates, self.spec)
+    def _score(self, req: RequestBatch, candidates: Candidates, k: int) -> Ranking:
         scores_N = self.net.scores(req.state, req.candidates_BN, req.cand_features_BNF)[0][0]
-        top_K = torch.topk(scores_N, k).indices.numpy()
-        idx_K, prop_K = self.epsilon_explore(top_K, len(candidates), self.config.epsilon)
-        return Slate(items=candidates.ids[idx_K].astype(np.int64),
-                     scores=scores_N.numpy()[idx_K].astype(np.float64), propensities=prop_K)
+        return Ranking.dense(candidates.ids, torch.topk(scores_N, k).indices.numpy(),
+                             scores_N.numpy())
 
     def item_embeddings(self) -> np.ndarray | None:
-        return self.net.item.ids.weight_ID.detach().numpy().copy()
+        ids = self.net.item.ids
+        return None if ids is None else ids.weight_ID.detach().numpy().copy()
 
 
 class MFAgent(ReplayAgent):
     """Online BPR: pushes transitions into replay and updates every ``update_every``."""
 
     def __init__(self, config: Config, spec: WorldSpec, seed: int) -> None:
-        self.config, self.spec, self.seed = config, spec, seed
+        super().__init__(config, spec, seed)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.net = MFNet(config, spec)
@@ -141,11 +154,8 @@ class MFAgent(ReplayAgent):
                                     weight_decay=config.weight_decay)
         self.replay = ReplayBuffer(config.replay_capacity, seed)
         self._policy = MFPolicy(self.net, config, spec, seed)
-        self.transitions_applied = 0
-        self.updates = 0
-        self._due = 0
 
-    def update(self, batch: TransitionBatch) -> dict[str, float]:
+    def update(self, batch: TransitionBatch) -> MFMetrics:
         scores_BK, null_B = self.net.scores(batch.state, batch.slate_BK, batch.slate_features_BKF)
         win, lose = slate_pairs(batch, scores_BK, null_B, self.config.null_pairs)
         loss = bpr_loss(win, lose) if win.numel() else scores_BK.sum() * 0.0
@@ -155,12 +165,14 @@ class MFAgent(ReplayAgent):
         self.updates += 1
         with torch.no_grad():
             accuracy = (win > lose).float().mean().item() if win.numel() else 0.0
-        return {"bpr_loss": float(loss.item()), "pair_accuracy": accuracy,
-                "pairs": float(win.numel()), "updates": float(self.updates)}
+        return MFMetrics(bpr_loss=float(loss.item()), pair_accuracy=accuracy,
+                         pairs=float(win.numel()), updates=float(self.updates))
 
     def _snapshot_parts(self) -> checkpoint.AgentParts:
         return checkpoint.AgentParts({"net": self.net}, {"opt": self.opt}, self.replay)
 
+
+AGENT = MFAgent
 
 
 def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec) -> MFPolicy:

@@ -37,11 +37,12 @@ import torch
 from torch import nn
 
 from recloop.core.events import Transition
-from recloop.core.ports import Candidates, Observation, Slate
+from recloop.core.ports import Candidates
 from recloop.core.spec import WorldSpec
 from recloop.learner import checkpoint, nets
 from recloop.learner.agent import ReplayAgent
-from recloop.learner.batch import TransitionBatch, request_batch, to_batch, whole_catalogue
+from recloop.learner.batch import RequestBatch, TransitionBatch, to_batch
+from recloop.learner.contract import Metrics
 from recloop.learner.maths import (
     capped_importance_weight,
     discounted_returns,
@@ -49,7 +50,7 @@ from recloop.learner.maths import (
     systematic_sample,
     topk_lambda,
 )
-from recloop.learner.policy import SeededPolicy
+from recloop.learner.policy import Ranking, SeededPolicy
 from recloop.learner.replay import (
     ReplayBuffer,
     ReplayConfig,
@@ -59,6 +60,8 @@ from recloop.learner.replay import (
 from recloop.learner.spec import config_from_dict
 
 SESSIONS = "sessions"  # snapshot key prefix of the transitions held until their session ends
+EXPLORATION_STREAM = 17
+"""The serving policy's random stream (``learner.policy`` lists every algorithm's)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,24 @@ class Config(ReplayConfig):
     return truncated at its last known step (a session that never ends must not leak)."""
     explore_topk: int = -1
     """K': items served deterministically; the rest are sampled from π. -1 means K - 1."""
+
+
+@dataclass(frozen=True)
+class ReinforceMetrics(Metrics):
+    """One policy-gradient step on π and one likelihood step on the learned β."""
+
+    pg_loss: float
+    """-mean w · R · log π(a|s) over the rewarded rows."""
+    beta_nll: float
+    """-mean log β of every logged slate item found in the action set."""
+    mean_weight: float
+    """Mean correction weight min(π/β, c) · λ_K over the rewarded rows."""
+    mean_pi: float
+    """Mean π(a|s) of the rewarded actions."""
+    rewarded: float
+    """Rows with a clicked action in the action set (the rows π learns from)."""
+    updates: float
+    """Updates so far, this one included."""
 
 
 class ReinforceNet(nn.Module):
@@ -136,31 +157,30 @@ class ReinforcePolicy(SeededPolicy):
 
     def __init__(self, net: ReinforceNet, config: Config, spec: WorldSpec, seed: int,
                  version: int = 0) -> None:
-        super().__init__("reinforce", version, seed, stream=7)
+        super().__init__("reinforce", version, seed, stream=EXPLORATION_STREAM)
         self.net, self.config, self.spec = net, config, spec
 
-    @torch.no_grad()
-    def recommend(self, observation: Observation, candidates: Candidates, k: int) -> Slate:
-        if len(candidates) == 0:
-            candidates = whole_catalogue(self.spec)
-        req = request_batch(observation, candidates, self.spec)
+    def _score(self, req: RequestBatch, candidates: Candidates, k: int) -> Ranking:
         s_1D = self.net.state.encode(req.state)
         pi_N = torch.softmax(self.net.logits(s_1D, req.candidates_BN, req.cand_features_BNF)[0],
                              -1).double().numpy()
-        order_N = np.argsort(-pi_N, kind="stable")
+        return Ranking.dense(candidates.ids, np.argsort(-pi_N, kind="stable"), pi_N)
+
+    def _pull(self, ranking: Ranking, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top K' of π, then K - K' of the rest by systematic sampling ∝ π (all K top
+        items while ``explore`` is off)."""
         k_det = k if not self.explore else (k - 1 if self.config.explore_topk < 0
                                             else min(self.config.explore_topk, k))
-        top = order_N[:k_det]
-        rest = order_N[k_det:]
-        incl_R = pps_inclusion_probs(pi_N[rest], k - k_det)
+        top, rest = ranking.order[:k_det], ranking.order[k_det:]
+        incl_R = pps_inclusion_probs(ranking.score_of(rest), k - k_det)
         picked = systematic_sample(incl_R, self.rng) if k > k_det else np.zeros(0, np.int64)
         idx_K = np.concatenate([top, rest[picked]]).astype(np.int64)
         prop_K = np.concatenate([np.ones(k_det), incl_R[picked]])
-        return Slate(items=candidates.ids[idx_K].astype(np.int64), scores=pi_N[idx_K],
-                     propensities=np.clip(prop_K, 0.0, 1.0))
+        return idx_K, np.clip(prop_K, 0.0, 1.0)
 
     def item_embeddings(self) -> np.ndarray | None:
-        return self.net.item.ids.weight_ID.detach().numpy().copy()
+        ids = self.net.item.ids
+        return None if ids is None else ids.weight_ID.detach().numpy().copy()
 
 
 class ReinforceAgent(ReplayAgent):
@@ -169,7 +189,7 @@ class ReinforceAgent(ReplayAgent):
     def __init__(self, config: Config, spec: WorldSpec, seed: int) -> None:
         if config.behaviour not in ("learned", "logged"):
             raise ValueError(f"behaviour must be 'learned' or 'logged', got {config.behaviour!r}")
-        self.config, self.spec, self.seed = config, spec, seed
+        super().__init__(config, spec, seed)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.net = ReinforceNet(config, spec)
@@ -178,9 +198,6 @@ class ReinforceAgent(ReplayAgent):
         self.replay = ReplayBuffer(config.replay_capacity, seed)
         self._sessions: dict[tuple[str, str], list[Transition]] = {}
         self._policy = ReinforcePolicy(self.net, config, spec, seed)
-        self.transitions_applied = 0
-        self.updates = 0
-        self._due = 0
 
     def _action_logits(self, batch: TransitionBatch, s_BD, beta: bool):
         """Logits over the action set and the index of each slate item in it."""
@@ -198,7 +215,8 @@ class ReinforceAgent(ReplayAgent):
         logits_BN = logits_BN.masked_fill(ids_BN < 0, -1e9)
         return logits_BN, torch.arange(K).expand(B, K).masked_fill(batch.slate_BK < 0, -1)
 
-    def update(self, batch: TransitionBatch, return_B: torch.Tensor | None = None) -> dict:
+    def update(self, batch: TransitionBatch,
+               return_B: torch.Tensor | None = None) -> ReinforceMetrics:
         """One step; ``return_B`` defaults to the immediate reward (a one-step return)."""
         c = self.config
         R_B = batch.reward_B if return_B is None else return_B
@@ -229,10 +247,10 @@ class ReinforceAgent(ReplayAgent):
         self.opt.step()
         self.updates += 1
         n_used = use_B.sum().clamp(min=1)
-        return {"pg_loss": float(pg_loss.item()), "beta_nll": float(beta_loss.item()),
-                "mean_weight": float((w_B * use_B).sum() / n_used),
-                "mean_pi": float((pi_B * use_B).sum() / n_used),
-                "rewarded": float(use_B.sum()), "updates": float(self.updates)}
+        return ReinforceMetrics(pg_loss=float(pg_loss.item()), beta_nll=float(beta_loss.item()),
+                                mean_weight=float((w_B * use_B).sum() / n_used),
+                                mean_pi=float((pi_B * use_B).sum() / n_used),
+                                rewarded=float(use_B.sum()), updates=float(self.updates))
 
     def _entering(self, transitions: Sequence[Transition]) -> list[tuple[Transition, float]]:
         """Finished sessions' transitions with their returns: REINFORCE learns from those."""
@@ -246,7 +264,7 @@ class ReinforceAgent(ReplayAgent):
             finished += self._with_returns(self._sessions.pop(next(iter(self._sessions))))
         return finished
 
-    def _update_on(self, sample: list[tuple[Transition, float]]) -> dict[str, float]:
+    def _update_on(self, sample: list[tuple[Transition, float]]) -> ReinforceMetrics:
         batch = to_batch([t for t, _ in sample], self.spec)
         return self.update(batch, torch.tensor([r for _, r in sample], dtype=torch.float32))
 
@@ -274,6 +292,9 @@ class ReinforceAgent(ReplayAgent):
             self._sessions = {}
             for t in items_from_arrays(checkpoint.under_prefix(SESSIONS, tensors)):
                 self._sessions.setdefault((t.user_id, t.session_id), []).append(t)
+
+
+AGENT = ReinforceAgent
 
 
 def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec):

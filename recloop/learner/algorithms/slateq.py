@@ -48,11 +48,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recloop.core.ports import Candidates, Observation, Slate
+from recloop.core.ports import Candidates
 from recloop.core.spec import WorldSpec
 from recloop.learner import checkpoint, nets
 from recloop.learner.agent import ReplayAgent
-from recloop.learner.batch import TransitionBatch, request_batch, whole_catalogue
+from recloop.learner.batch import RequestBatch, TransitionBatch
+from recloop.learner.contract import Metrics
 from recloop.learner.maths import (
     select_slate_exact,
     select_slate_greedy,
@@ -61,9 +62,15 @@ from recloop.learner.maths import (
     soft_update,
     td_target,
 )
-from recloop.learner.policy import SeededPolicy
+from recloop.learner.policy import Ranking, SeededPolicy
 from recloop.learner.replay import ReplayBuffer, ReplayConfig
 from recloop.learner.spec import config_from_dict
+
+EXPLORATION_STREAM = 7
+"""The serving policy's random stream for SARSA-TS (``learner.policy`` lists them all)."""
+MYOPIC_EXPLORATION_STREAM = 19
+"""MYOP-TS's own stream: the two variants are the paper's A/B pair, and arms built with the
+same seed must not share exploration draws."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,24 @@ class Config(ReplayConfig):
     null_value: bool = True
     """Learn Q̄(s, ⊥), the long-term value of a slate that gets no click (see the module doc);
     False: ⊥ only normalises the choice model and no-click steps give no Q̄ update."""
+
+
+@dataclass(frozen=True)
+class SlateQMetrics(Metrics):
+    """One TD step on Q̄ (and, with the logit model, one likelihood step on the choice model)."""
+
+    q_loss: float
+    """Mean squared TD error over the rows that update Q̄."""
+    choice_nll: float
+    """-log P(outcome | s, A) of the conditional logit (0 for the known proportional model)."""
+    mean_q: float
+    """Mean Q̄ of the consumed item (⊥ on no-click rows) over the rows that update."""
+    mean_target: float
+    """Mean SARSA target over the same rows."""
+    td_rows: float
+    """Rows that updated Q̄."""
+    updates: float
+    """Updates so far, this one included."""
 
 
 class ItemwiseQ(nn.Module):
@@ -167,15 +192,13 @@ class SlateQPolicy(SeededPolicy):
 
     def __init__(self, q: ItemwiseQ, choice: ChoiceModel, config: Config, spec: WorldSpec,
                  seed: int, version: int = 0) -> None:
-        super().__init__("slateq" if config.gamma > 0 else "slateq_myopic", version, seed,
-                         stream=7)
+        myopic = not config.gamma > 0  # γ = 0 is MYOP-TS
+        super().__init__("slateq_myopic" if myopic else "slateq", version, seed,
+                         stream=MYOPIC_EXPLORATION_STREAM if myopic else EXPLORATION_STREAM)
         self.q, self.choice, self.config, self.spec = q, choice, config, spec
+        self.epsilon = config.epsilon
 
-    @torch.no_grad()
-    def recommend(self, observation: Observation, candidates: Candidates, k: int) -> Slate:
-        if len(candidates) == 0:
-            candidates = whole_catalogue(self.spec)
-        req = request_batch(observation, candidates, self.spec)
+    def _score(self, req: RequestBatch, candidates: Candidates, k: int) -> Ranking:
         obs_1U = req.state.user_obs_BU
         # Items are ranked on their advantage over no click (see the module doc).
         q_N = (self.q(obs_1U, req.candidates_BN, req.cand_features_BNF)[0]
@@ -188,9 +211,7 @@ class SlateQPolicy(SeededPolicy):
             top_K = select_slate_greedy(v_N, q_N, v_null, k)
         else:
             top_K = select_slate_exact(v_N, q_N, v_null, k)
-        idx_K, prop_K = self.epsilon_explore(top_K, len(candidates), self.config.epsilon)
-        return Slate(items=candidates.ids[idx_K].astype(np.int64), scores=(v_N * q_N)[idx_K],
-                     propensities=prop_K)
+        return Ranking.dense(candidates.ids, top_K, v_N * q_N)
 
     def item_embeddings(self) -> np.ndarray | None:
         return None if self.q.ids is None else self.q.ids.weight_ID.detach().numpy().copy()
@@ -202,7 +223,7 @@ class SlateQAgent(ReplayAgent):
     def __init__(self, config: Config, spec: WorldSpec, seed: int) -> None:
         if config.selector not in ("topk", "greedy", "exact"):
             raise ValueError(f"selector must be topk, greedy or exact, got {config.selector!r}")
-        self.config, self.spec, self.seed = config, spec, seed
+        super().__init__(config, spec, seed)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.q = ItemwiseQ(config, spec)
@@ -212,9 +233,6 @@ class SlateQAgent(ReplayAgent):
         self.opt = torch.optim.Adam(params, lr=config.lr)
         self.replay = ReplayBuffer(config.replay_capacity, seed)
         self._policy = SlateQPolicy(self.q, self.choice, config, spec, seed)
-        self.transitions_applied = 0
-        self.updates = 0
-        self._due = 0
 
     def td_targets(self, batch: TransitionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(y_B, valid_B): SARSA targets on s' with the next served slate A' (and ⊥ when
@@ -235,7 +253,7 @@ class SlateQAgent(ReplayAgent):
         valid_B = (batch.done_B > 0) | batch.next_slate_mask_B | (self.config.gamma == 0)
         return y_B, valid_B
 
-    def update(self, batch: TransitionBatch) -> dict[str, float]:
+    def update(self, batch: TransitionBatch) -> SlateQMetrics:
         y_B, valid_B = self.td_targets(batch)
         q_BK = self.q(batch.user_obs_BU, batch.slate_BK, batch.slate_features_BKF)
         clicked_B = batch.chosen_B >= 0
@@ -257,16 +275,18 @@ class SlateQAgent(ReplayAgent):
         self.opt.step()
         soft_update(self.q_target, self.q, self.config.tau)
         self.updates += 1
-        return {"q_loss": float(q_loss.item()), "choice_nll": float(choice_loss.item()),
-                "mean_q": float((q_B.detach() * use_B).sum() / n),
-                "mean_target": float((y_B * use_B).sum() / n),
-                "td_rows": float(use_B.sum()), "updates": float(self.updates)}
+        return SlateQMetrics(q_loss=float(q_loss.item()), choice_nll=float(choice_loss.item()),
+                             mean_q=float((q_B.detach() * use_B).sum() / n),
+                             mean_target=float((y_B * use_B).sum() / n),
+                             td_rows=float(use_B.sum()), updates=float(self.updates))
 
     def _snapshot_parts(self) -> checkpoint.AgentParts:
         return checkpoint.AgentParts(
             {"q": self.q, "q_target": self.q_target, "choice": self.choice}, {"opt": self.opt},
             self.replay)
 
+
+AGENT = SlateQAgent
 
 
 def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec) -> SlateQPolicy:

@@ -49,43 +49,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recloop.core.ports import Candidates, Observation, Slate
+from recloop.core.ports import Candidates
 from recloop.core.spec import WorldSpec
 from recloop.learner import checkpoint, nets
+from recloop.learner.actor_critic import ActorCriticConfig, remember_features, slate_rewards
 from recloop.learner.agent import ReplayAgent
-from recloop.learner.batch import StateBatch, TransitionBatch, request_batch
+from recloop.learner.batch import RequestBatch, StateBatch, TransitionBatch
+from recloop.learner.contract import Metrics
 from recloop.learner.maths import soft_update, td_target
-from recloop.learner.policy import SeededPolicy
-from recloop.learner.replay import ReplayBuffer, ReplayConfig
+from recloop.learner.policy import Ranking, SeededPolicy
+from recloop.learner.replay import ReplayBuffer
 from recloop.learner.spec import config_from_dict
+
+EXPLORATION_STREAM = 11
+"""The serving policy's random stream (``learner.policy`` lists every algorithm's)."""
 
 
 @dataclass(frozen=True)
-class Config(ReplayConfig):
-    dim: int = 16
-    """D, the dimension of item embeddings and proto-actions."""
-    hidden: tuple[int, ...] = (64, 64)
-    """Hidden layers of the actor and of the critic."""
+class Config(ActorCriticConfig):
+    """``ActorCriticConfig`` (D is the dimension of item embeddings and proto-actions;
+    critic_lr also trains the item vectors) plus Wolpertinger's own fields."""
+
     history_mode: str = "mean"
     """How state encoders pool recent positive items: "mean" or "gru"."""
     knn_k: int = 10
     """k, items retrieved around â (clipped to [slate size, N]); k = N scores every item."""
     metric: str = "ip"
     """kNN metric, "ip" (inner product) or "l2"; the same ranking on the unit sphere."""
-    actor_lr: float = 1e-3
-    """Adam learning rate of the actor f_θ."""
-    critic_lr: float = 1e-3
-    """Adam learning rate of the critic Q_φ (and the item embeddings it trains)."""
-    gamma: float = 0.9
-    """Discount γ."""
-    tau: float = 0.01
-    """Soft target update rate τ."""
     manifold_coef: float = 0.1
     """λ, weight of the actor's pull towards its nearest item."""
-    epsilon: float = 0.1
-    """Serving explores: with probability ε the whole slate is uniform (honest propensities)."""
-    grad_clip: float = 10.0
-    """Global gradient-norm clip for each network."""
+
+
+@dataclass(frozen=True)
+class WolpertingerMetrics(Metrics):
+    """One DDPG step on the full pipeline (critic, then actor, then the soft target update)."""
+
+    critic_loss: float
+    """Mean squared TD error over the shown items."""
+    actor_loss: float
+    """-mean Q(s, â) + λ ‖â - e_nn‖²."""
+    q_mean: float
+    """Mean Q(s, e_a) over the shown items."""
+    target_mean: float
+    """Mean TD target over the shown items."""
+    manifold_dist: float
+    """Mean ‖â - e_nn‖², how far the proto-actions sit from their nearest item."""
+    updates: float
+    """Updates so far, this one included."""
 
 
 # ----------------------------------------------------------------- the paper's pipeline
@@ -122,13 +132,6 @@ def wolpertinger_value(proto_BD: torch.Tensor, items: torch.Tensor, mask_BN: tor
     idx_Bk, real_Bk = knn(proto_BD, items, mask_BN, k, metric)
     q_Bk = q_fn(gather_items(items, idx_Bk)).masked_fill(~real_Bk, float("-inf"))
     return q_Bk.max(dim=1).values, q_Bk, idx_Bk
-
-
-def slate_rewards(batch: TransitionBatch) -> torch.Tensor:
-    """r_BK: the click's reward for the consumed slate item, 0 for the skipped ones."""
-    K = batch.slate_BK.shape[1]
-    hit_BK = torch.arange(K).unsqueeze(0) == batch.chosen_B.unsqueeze(1)
-    return torch.where(hit_BK, batch.reward_B.unsqueeze(1), torch.zeros(()))
 
 
 # ------------------------------------------------------------------------------ networks
@@ -174,8 +177,9 @@ class WolpertingerPolicy(SeededPolicy):
 
     def __init__(self, net: WolpertingerNet, features_IF: torch.Tensor, config: Config,
                  spec: WorldSpec, seed: int, version: int = 0) -> None:
-        super().__init__("wolpertinger", version, seed, stream=11)
+        super().__init__("wolpertinger", version, seed, stream=EXPLORATION_STREAM)
         self.net, self.features_IF, self.config, self.spec = net, features_IF, config, spec
+        self.epsilon = config.epsilon
         self._index: tuple[tuple[int, ...], faiss.Index] | None = None
 
     def _catalogue_index(self) -> faiss.Index:
@@ -190,9 +194,11 @@ class WolpertingerPolicy(SeededPolicy):
             self._index = (key, index)
         return self._index[1]
 
-    @torch.no_grad()
-    def recommend(self, observation: Observation, candidates: Candidates, k: int) -> Slate:
-        req = request_batch(observation, candidates, self.spec)
+    def _candidates(self, candidates: Candidates) -> Candidates:
+        """An empty list stays empty: ``_score`` searches the catalogue's remembered items."""
+        return candidates
+
+    def _score(self, req: RequestBatch, candidates: Candidates, k: int) -> Ranking:
         proto_1D = self.net.proto(req.state)
         if len(candidates) == 0:  # the whole catalogue, searched with faiss
             ids_N, feats_NF = torch.arange(self.spec.n_items), self.features_IF
@@ -206,15 +212,12 @@ class WolpertingerPolicy(SeededPolicy):
                          self.config.metric)[0][0]
         q_fn = self.net.q(req.state)
 
-        def q_of(idx: torch.Tensor) -> torch.Tensor:
-            return q_fn(self.net.embed(ids_N[idx], feats_NF[idx]).unsqueeze(0))[0]
+        def q_of(idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+            idx_t = torch.as_tensor(idx)
+            return q_fn(self.net.embed(ids_N[idx_t], feats_NF[idx_t]).unsqueeze(0))[0]
 
-        top_K = near_k[torch.topk(q_of(near_k), k).indices].numpy()
-        idx_K, prop_K = self.epsilon_explore(top_K, len(ids_N), self.config.epsilon)
-        idx_K = np.asarray(idx_K, np.int64)
-        return Slate(items=ids_N.numpy()[idx_K].astype(np.int64),
-                     scores=q_of(torch.from_numpy(idx_K)).numpy().astype(np.float64),
-                     propensities=prop_K)
+        order_K = near_k[torch.topk(q_of(near_k), k).indices].numpy()
+        return Ranking(ids_N.numpy(), order_K, lambda idx_K: q_of(idx_K).numpy())
 
     @torch.no_grad()
     def item_embeddings(self) -> np.ndarray:
@@ -231,7 +234,7 @@ class WolpertingerAgent(ReplayAgent):
     def __init__(self, config: Config, spec: WorldSpec, seed: int) -> None:
         if config.metric not in ("ip", "l2"):
             raise ValueError(f"unknown kNN metric {config.metric!r}; use 'ip' or 'l2'")
-        self.config, self.spec, self.seed = config, spec, seed
+        super().__init__(config, spec, seed)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.net = WolpertingerNet(config, spec)
@@ -241,16 +244,8 @@ class WolpertingerAgent(ReplayAgent):
         self.critic_opt = torch.optim.Adam(self.net.critic_parameters(), lr=config.critic_lr)
         self.replay = ReplayBuffer(config.replay_capacity, seed)
         self._policy = WolpertingerPolicy(self.net, self.features_IF, config, spec, seed)
-        self.transitions_applied = 0
-        self.updates = 0
-        self._due = 0
 
     # ---- candidate sets as embeddings
-
-    def _remember_features(self, ids_BN: torch.Tensor, feats_BNF: torch.Tensor) -> None:
-        if self.spec.item_feature_dim and ids_BN.numel():
-            real = ids_BN >= 0
-            self.features_IF[ids_BN[real]] = feats_BNF[real]
 
     def _item_set(self, net: WolpertingerNet, ids_BN: torch.Tensor, feats_BNF: torch.Tensor,
                   mask_BN: torch.Tensor):
@@ -285,10 +280,11 @@ class WolpertingerAgent(ReplayAgent):
 
     # ---- learning
 
-    def update(self, batch: TransitionBatch) -> dict[str, float]:
+    def update(self, batch: TransitionBatch) -> WolpertingerMetrics:
         cfg = self.config
-        self._remember_features(batch.candidates_BN, batch.cand_features_BNF)
-        self._remember_features(batch.next_candidates_BN, batch.next_cand_features_BNF)
+        remember_features(self.features_IF, batch.candidates_BN, batch.cand_features_BNF)
+        remember_features(self.features_IF, batch.next_candidates_BN,
+                          batch.next_cand_features_BNF)
         shown_BK = batch.slate_mask_BK.float()
         y_BK = td_target(slate_rewards(batch), self.target_value(batch).unsqueeze(1),
                          batch.done_B.unsqueeze(1), cfg.gamma)
@@ -320,10 +316,11 @@ class WolpertingerAgent(ReplayAgent):
         soft_update(self.target, self.net, cfg.tau)
         self.updates += 1
         n_shown = shown_BK.sum().clamp(min=1)
-        return {"critic_loss": critic_loss.item(), "actor_loss": actor_loss.item(),
-                "q_mean": ((q_BK.detach() * shown_BK).sum() / n_shown).item(),
-                "target_mean": ((y_BK * shown_BK).sum() / n_shown).item(),
-                "manifold_dist": manifold_B.mean().item(), "updates": float(self.updates)}
+        return WolpertingerMetrics(
+            critic_loss=critic_loss.item(), actor_loss=actor_loss.item(),
+            q_mean=((q_BK.detach() * shown_BK).sum() / n_shown).item(),
+            target_mean=((y_BK * shown_BK).sum() / n_shown).item(),
+            manifold_dist=manifold_B.mean().item(), updates=float(self.updates))
 
     # ---- snapshots
 
@@ -337,6 +334,9 @@ class WolpertingerAgent(ReplayAgent):
 
     def _load_extra(self, tensors: dict[str, np.ndarray]) -> None:
         self.features_IF.copy_(torch.from_numpy(np.array(tensors["item_features"])))
+
+
+AGENT = WolpertingerAgent
 
 
 def load_policy(tensors: dict[str, np.ndarray], manifest: dict,

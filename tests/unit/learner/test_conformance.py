@@ -15,6 +15,7 @@ import torch
 
 from recloop.learner import registry
 from recloop.learner.batch import to_batch
+from recloop.learner.contract import Metrics
 from tests.unit.learner.synth import SPEC, make_request, make_transitions
 
 torch.set_num_threads(1)
@@ -51,7 +52,10 @@ def test_update_returns_finite_metrics_and_leaves_batch_alone(name, size):
     before = batch.clone()
     for _ in range(3):
         metrics = agent.update(batch)
-        assert metrics and all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+        assert isinstance(metrics, Metrics) and dataclasses.is_dataclass(metrics)
+        values = metrics.as_dict()
+        assert values and all(isinstance(v, float) and math.isfinite(v) for v in values.values())
+        assert list(values) == [f.name for f in dataclasses.fields(metrics)]
     for field in before.__dataclass_fields__:
         assert torch.equal(getattr(before, field), getattr(batch, field)), field
 
@@ -61,7 +65,15 @@ def test_learn_many_counts_and_returns_finite_metrics(name):
     agent = _agent(name)
     metrics = agent.learn_many(make_transitions(n=40))
     assert agent.transitions_applied == 40
-    assert all(math.isfinite(v) for v in metrics.values())
+    assert metrics is not None and metrics.updates == agent.updates > 0
+    assert all(math.isfinite(v) for v in metrics.as_dict().values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_learn_many_returns_none_while_no_update_is_due(name):
+    agent = _agent(name)
+    assert agent.learn_many(make_transitions(n=2)) is None  # below learning_starts
+    assert agent.updates == 0 and agent.transitions_applied == 2
 
 
 @pytest.mark.parametrize("name", NAMES)

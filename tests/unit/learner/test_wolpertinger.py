@@ -96,9 +96,9 @@ def test_proto_action_stays_on_the_item_manifold():
         assert torch.allclose(agent.net.proto(batch.state).norm(dim=-1), torch.ones(32))
         assert torch.allclose(agent.net.embed(batch.slate_BK, batch.slate_features_BKF)
                               .norm(dim=-1), torch.ones(32, SPEC.slate_size))
-    first = agent.update(batch)["manifold_dist"]
+    first = agent.update(batch).manifold_dist
     for _ in range(60):
-        last = agent.update(batch)["manifold_dist"]
+        last = agent.update(batch).manifold_dist
     assert last < 0.5 * first  # the pull towards the nearest item works
 
 
