@@ -108,8 +108,8 @@ class LearningSink:
         self.learn_s += time.perf_counter() - started
         self.transitions += len(self.pending)
         self.pending = []
-        if metrics:
-            self.last_metrics = metrics
+        if metrics is not None:
+            self.last_metrics = metrics.as_dict()
 
 
 @dataclass(frozen=True)
