@@ -85,14 +85,20 @@ def _start_worker(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+def _stop_worker(proc: subprocess.Popen[bytes]) -> bool:
+    """SIGTERM, then SIGKILL if it has not exited within 30 s (its return code then says so).
+
+    Returns whether it was still running when told to stop.
+    """
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    return True
 
 
 @pytest.mark.timeout(180)
@@ -129,8 +135,10 @@ def test_minimal_faust_app_relays_every_event_type_and_keeps_a_table(
         out = _consume(kafka_settings, out_topic, total, worker, log_path, timeout=120)
         changelog = _latest_by_key(kafka_settings, f"{app_id}-counts-changelog", len(rounds[0]))
     finally:
-        _stop_worker(worker)
-    assert worker.poll() is not None
+        was_running = _stop_worker(worker)
+    # It ran to the end and then shut down cleanly on SIGTERM within the wait: not dead
+    # before, not killed (-9), not crashed on the way out.
+    assert was_running and worker.returncode == 0, log_path.read_text()[-4000:]
 
     # Per key (record type) order is kept: each type comes back in the order sent, equal,
     # with the table's running count 1, 2, 3.

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, KafkaError, Message
 
 from recloop.core import codec
 from recloop.core.dlq import (
     HEADER_CONSUMER,
     HEADER_ERROR,
     HEADER_OFFSET,
+    HEADER_PARTITION,
     HEADER_TOPIC,
     parse_headers,
 )
@@ -92,13 +93,18 @@ def request(i: int, **overrides) -> RecRequest:
 
 
 class Client:
-    """Sends requests and announcements; reads slates and dead letters back."""
+    """Sends requests and announcements; reads slates and dead letters back.
+
+    ``placed`` maps each delivered message's (topic, value) to the (partition, offset) its
+    delivery report gave, so a dead letter's source headers can be checked exactly.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = settings.topics
         self.producer = make_producer(settings)
         self.tracker = DeliveryTracker()
+        self.placed: dict[tuple[str, bytes], tuple[int, int]] = {}
         group = f"test-client-{uuid.uuid4().hex[:8]}"
         self.slates = make_consumer(settings, group)
         self.slates.subscribe([self.topics.slates])
@@ -106,8 +112,13 @@ class Client:
         self.dlq.subscribe([self.topics.dlq(self.topics.requests)])
 
     def send(self, topic: str, key: str, value: bytes) -> None:
-        self.producer.produce(topic, key=key.encode(), value=value, on_delivery=self.tracker)
+        self.producer.produce(topic, key=key.encode(), value=value, on_delivery=self._delivered)
         self.producer.poll(0)
+
+    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
+        self.tracker(err, msg)
+        if err is None:
+            self.placed[(msg.topic(), msg.value())] = (msg.partition(), msg.offset())
 
     def send_request(self, req: RecRequest) -> None:
         self.send(self.topics.requests, req.user_id, codec.encode(req))
@@ -204,7 +215,8 @@ def test_requests_in_slates_out_and_malformed_requests_to_the_dlq(kafka_settings
             req.step,
         )
         assert slate.request_ts == req.ts and slate.ts >= req.ts
-        assert slate.policy == "learned" and slate.policy_version == 0  # arm before its first snapshot
+        # The arm serves version 0 before its first snapshot.
+        assert slate.policy == "learned" and slate.policy_version == 0
         assert len(set(slate.items)) == K and set(slate.items) <= set(req.candidates)
         assert slate.propensities == [K / N_ITEMS] * K and len(slate.scores) == K
         assert slate.candidates == req.candidates
@@ -215,12 +227,15 @@ def test_requests_in_slates_out_and_malformed_requests_to_the_dlq(kafka_settings
     headers = [parse_headers(m.headers()) for m in dead]
     assert all(h[HEADER_TOPIC] == kafka_settings.topics.requests for h in headers)
     assert all(h[HEADER_CONSUMER] == "recloop-serve" for h in headers)
+    for m, h in zip(dead, headers, strict=True):  # each names the very record it carries
+        partition, offset = client.placed[(kafka_settings.topics.requests, m.value())]
+        assert h[HEADER_PARTITION] == str(partition) and h[HEADER_OFFSET] == str(offset)
     undecodable = [m for m in dead if m.value() in bad]
     assert sorted(m.value() for m in undecodable) == sorted(bad)
     (rest,) = [m for m in dead if m.value() not in bad]
     assert codec.decode(rest.value(), RecRequest) == unanswerable
     rest_headers = parse_headers(rest.headers())
-    assert "unanswerable" in rest_headers[HEADER_ERROR] and int(rest_headers[HEADER_OFFSET]) >= 0
+    assert "unanswerable" in rest_headers[HEADER_ERROR]
     assert stats["slates"] == 10 and stats["undecodable"] == 2 and stats["invalid"] == 1
     assert stats["sessions_cached"] == 1 and cached is not None and cached.history == [4, 5]
 

@@ -16,9 +16,11 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaError, Message
 
 from recloop.core import codec
 from recloop.core.dlq import (
@@ -109,11 +111,26 @@ def produce(settings: Settings, events: list[Record]) -> None:
     flush_or_raise(producer, tracker)
 
 
-def produce_raw(settings: Settings, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+def produce_raw(
+    settings: Settings, topic: str, messages: list[tuple[bytes, bytes]]
+) -> list[tuple[int, int]]:
+    """Produce ``messages`` as they are; return where each landed, (partition, offset), in order.
+
+    The places come from the broker's delivery reports, so a test can hold a dead letter's
+    source headers to the exact record they name.
+    """
     producer, tracker = make_producer(settings), DeliveryTracker()
-    for key, value in messages:
-        producer.produce(topic, value=value, key=key, on_delivery=tracker)
+    placed: dict[int, tuple[int, int]] = {}
+
+    def on_delivery(i: int, err: KafkaError | None, msg: Message) -> None:
+        tracker(err, msg)
+        if err is None:
+            placed[i] = (msg.partition(), msg.offset())
+
+    for i, (key, value) in enumerate(messages):
+        producer.produce(topic, value=value, key=key, on_delivery=partial(on_delivery, i))
     flush_or_raise(producer, tracker)
+    return [placed[i] for i in range(len(messages))]
 
 
 class TransitionReader:
@@ -257,9 +274,12 @@ def test_malformed_records_go_to_the_dlq_while_the_rest_flows(kafka_settings, wo
     want = expected(events)
     bad = [(b"u1", b"{oops"), (b"u2", b'{"type":"Click","v":1}'), (b"u3", b"")]
     topics = kafka_settings.topics
-    produce_raw(kafka_settings, topics.feedback, bad[:2])
+    fb, sl = topics.feedback, topics.slates
+    placed = [(fb, at) for at in produce_raw(kafka_settings, fb, bad[:2])]
     produce(kafka_settings, events)
-    produce_raw(kafka_settings, topics.slates, bad[2:])
+    placed += [(sl, at) for at in produce_raw(kafka_settings, sl, bad[2:])]
+    # Each bad record's (unique) key -> where it was written: what its dead letter must name.
+    source = {key: where for (key, _), where in zip(bad, placed, strict=True)}
     workers.start(kafka_settings, f"{kafka_settings.topic_prefix}streams", "w1")
     reader = TransitionReader(kafka_settings, "check")
     try:
@@ -278,6 +298,8 @@ def test_malformed_records_go_to_the_dlq_while_the_rest_flows(kafka_settings, wo
     assert sorted((m.key(), m.value() or b"") for m in dead) == sorted(bad)
     for m in dead:
         headers = parse_headers(m.headers())
-        source = topics.feedback if m.topic() == topics.dlq(topics.feedback) else topics.slates
-        assert headers[HEADER_TOPIC] == source and headers[HEADER_ERROR]
-        assert int(headers[HEADER_PARTITION]) >= 0 and int(headers[HEADER_OFFSET]) >= 0
+        topic, (partition, offset) = source[m.key()]
+        assert m.topic() == topics.dlq(topic) and headers[HEADER_TOPIC] == topic
+        assert headers[HEADER_PARTITION] == str(partition)
+        assert headers[HEADER_OFFSET] == str(offset)
+        assert headers[HEADER_ERROR]
