@@ -92,7 +92,7 @@ def serve_random(bootstrap: str, prefix: str, n_items: int, stop, cpu_out, seed:
         for msg in consumer.consume(num_messages=5000, timeout=0.05):
             if msg.error():
                 continue
-            req = codec.decode(msg.value(), RecRequest)
+            req: RecRequest = codec.decode(msg.value(), RecRequest)
             pool = req.candidates or range(n_items)
             served = SlateServed(
                 request_id=req.request_id,

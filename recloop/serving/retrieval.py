@@ -53,11 +53,13 @@ class CatalogueIndex:
 
 def _build(embeddings_ND: np.ndarray, kind: str, hnsw_m: int) -> faiss.Index:
     n, d = embeddings_ND.shape
+    index: faiss.Index
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = 128
+        hnsw = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efSearch = 128
+        index = hnsw
     else:
         # faiss wants ~39 training points per list; 4·sqrt(n) lists is its usual advice.
         nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))

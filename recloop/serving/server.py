@@ -206,7 +206,10 @@ class SlateServer:
             else:
                 pending.setdefault(id(job.active), []).append((job, query))
         for group in pending.values():
-            index = group[0][0].active.index
+            active = group[0][0].active
+            # _query_vector gives a query only to a job whose active policy has an index.
+            assert active is not None and active.index is not None
+            index = active.index
             queries_QD = np.stack([query for _, query in group])
             m = max(self.config.retrieve_m, *(job.request.k for job, _ in group))
             ids_QM, _ = index.search(queries_QD, m)

@@ -27,7 +27,7 @@ class SessionCache:
         previous = self._states.get(state.user_id)
         if self.popularity is not None:
             same_session = previous is not None and previous.session_id == state.session_id
-            old = previous.view.history if same_session else []
+            old = previous.view.history if same_session and previous is not None else []
             self.popularity.add(history_increment(list(old), list(state.view.history)))
         self._states[state.user_id] = state
         self.updates += 1
