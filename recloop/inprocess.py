@@ -69,11 +69,8 @@ from recloop.streams import fold
 
 
 def spec_for(world: World, history_len: int = 5) -> WorldSpec:
-    """The learner's view of a producer_sim world."""
-    s = world.spec
-    return WorldSpec(n_items=s.n_items, user_obs_dim=s.user_obs_dim,
-                     item_feature_dim=s.item_feature_dim, slate_size=s.slate_size,
-                     num_candidates=s.num_candidates, history_len=history_len)
+    """The world's spec with the learner's history length H."""
+    return dataclasses.replace(world.spec, history_len=history_len)
 
 
 @dataclass
