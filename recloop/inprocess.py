@@ -37,20 +37,14 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from recloop.core.events import (
-    Click,
     EpisodeOutcome,
-    Impression,
     PolicyPublished,
-    Record,
-    SessionEnd,
-    SessionState,
-    SlateServed,
 )
 from recloop.core.membus import MemoryBus
 from recloop.core.settings import Settings
@@ -65,48 +59,11 @@ from recloop.serving.host import PolicyHost, StaleVersionError
 from recloop.serving.server import ServeConfig
 from recloop.serving.snapshots import InstallResult
 from recloop.serving.split import TrafficSplit
-from recloop.streams import fold
 
 
 def spec_for(world: World, history_len: int = 5) -> WorldSpec:
     """The world's spec with the learner's history length H."""
     return dataclasses.replace(world.spec, history_len=history_len)
-
-
-@dataclass
-class LearningSink:
-    """Folds wire events into transitions and feeds them to an agent in chunks."""
-
-    agent: Any
-    learn_chunk: int = 32
-    states: dict[str, SessionState] = field(default_factory=dict)
-    pending: list = field(default_factory=list)
-    transitions: int = 0
-    learn_s: float = 0.0
-    last_metrics: dict[str, float] = field(default_factory=dict)
-
-    def __call__(self, record: Record) -> None:
-        if not isinstance(record, SlateServed | Impression | Click | SessionEnd):
-            return  # requests and ground-truth outcomes are not learning inputs
-        state, out = fold.apply(self.states.get(record.user_id), record)
-        if state.ended:
-            self.states.pop(record.user_id, None)  # one session per simulated user
-        else:
-            self.states[record.user_id] = state
-        self.pending += out
-        if len(self.pending) >= self.learn_chunk:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        started = time.perf_counter()
-        metrics = self.agent.learn_many(self.pending)
-        self.learn_s += time.perf_counter() - started
-        self.transitions += len(self.pending)
-        self.pending = []
-        if metrics is not None:
-            self.last_metrics = metrics.as_dict()
 
 
 @dataclass(frozen=True)

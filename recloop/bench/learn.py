@@ -31,13 +31,22 @@ from dataclasses import dataclass
 
 import torch
 
-from recloop.core.events import Transition
-from recloop.inprocess import LearningSink, PairedReport, evaluate_paired, spec_for, train
+from recloop.core.events import (
+    Click,
+    Impression,
+    Record,
+    SessionEnd,
+    SessionState,
+    SlateServed,
+    Transition,
+)
+from recloop.inprocess import PairedReport, evaluate_paired, spec_for, train
 from recloop.learner import registry
 from recloop.learner.batch import to_batch
 from recloop.producer_sim.policies import MyopicOraclePolicy, RandomPolicy
 from recloop.producer_sim.presets import make_world
 from recloop.producer_sim.runner import RunReport, run_episodes
+from recloop.streams import fold
 
 PRESET_OVERRIDES = {
     # The world's choice model is known in the SlateQ paper's experiments.
@@ -63,11 +72,24 @@ def _row(report: RunReport) -> dict[str, float]:
 
 
 def _collect_transitions(world, n: int, seed: int) -> list[Transition]:
-    sink = LearningSink(agent=None, learn_chunk=10**9)
+    """The first ``n`` transitions the streams fold makes of a random policy's sessions."""
+    states: dict[str, SessionState] = {}
+    out: list[Transition] = []
+
+    def sink(record: Record) -> None:
+        if not isinstance(record, SlateServed | Impression | Click | SessionEnd):
+            return  # requests and ground-truth outcomes are not learning inputs
+        state, transitions = fold.apply(states.get(record.user_id), record)
+        if state.ended:
+            states.pop(record.user_id, None)  # one session per simulated user
+        else:
+            states[record.user_id] = state
+        out.extend(transitions)
+
     # Few users at a time, so sessions end (and REINFORCE, which waits for them, learns).
     run_episodes(world, RandomPolicy(seed=seed), episodes=max(4, n // 20), seed=seed, sink=sink,
                  users_in_parallel=4)
-    return sink.pending[:n]
+    return out[:n]
 
 
 def _timed(fn: Callable[[], int], budget_s: float) -> float:

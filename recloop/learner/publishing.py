@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 from collections import deque
@@ -119,22 +118,6 @@ class Progress:
     def start_offset(self, topic: str, partition: int) -> int | None:
         offset = self.offsets.get(topic, {}).get(str(partition))
         return None if offset is None else int(offset)
-
-
-def as_metrics(result: Any) -> dict[str, float]:
-    """An agent's ``learn_many`` result as a flat dict of floats: a mapping or a dataclass
-    record both work (the typed record of the agent contract)."""
-    if result is None:
-        return {}
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        result = dataclasses.asdict(result)
-    if not isinstance(result, Mapping):
-        raise TypeError(f"learn_many returned {type(result).__name__}, not a metrics record")
-    out: dict[str, float] = {}
-    for k, v in result.items():
-        if isinstance(v, int | float | np.floating | np.integer) and not isinstance(v, bool):
-            out[str(k)] = float(v)
-    return out
 
 
 def compose_manifest(

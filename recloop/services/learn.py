@@ -145,7 +145,8 @@ class LearnerService:
                 self.progress.duplicates_dropped += 1
                 metrics.DUPLICATES_DROPPED.labels(self.config.policy).inc()
         if fresh:
-            self.metrics = publishing.as_metrics(self.agent.learn_many(fresh))
+            result = self.agent.learn_many(fresh)
+            self.metrics = result.as_dict() if result is not None else {}
             self.progress.applied([t.transition_id for t in fresh],
                                   max(t.outcome_ts for t in fresh))  # fmt: skip
             self.unpublished += len(fresh)

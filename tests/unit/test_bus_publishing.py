@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -65,15 +64,3 @@ def test_the_manifest_records_progress_and_round_trips() -> None:
     assert back == progress
     assert back.start_offset("rec.transitions", 1) == 42
     assert back.start_offset("rec.transitions", 0) is None
-
-
-def test_metrics_from_a_dict_or_a_typed_record() -> None:
-    @dataclasses.dataclass
-    class Metrics:
-        loss: float
-        updates: int
-        label: str = "x"
-
-    assert publishing.as_metrics(Metrics(0.25, 3)) == {"loss": 0.25, "updates": 3.0}
-    assert publishing.as_metrics({"loss": np.float32(0.5)}) == {"loss": 0.5}
-    assert publishing.as_metrics(None) == {}
