@@ -65,11 +65,16 @@ SIM_RETURN = Gauge(
 )
 SIM_CTR = Gauge("recloop_sim_ctr", "Ground-truth clicks per slate, last window", ["policy", "version"])
 SIM_EPISODES = Counter("recloop_sim_episodes_total", "Finished sessions", ["policy", "version"])
+WAITING_FOR_BROKER = Gauge(
+    "recloop_waiting_for_broker",
+    "1 while the process waits for the broker to come back (deliveries or commits stalled)",
+    ["process"],
+)
 
 ALL_METRICS = (
     RECORDS_IN, RECORDS_OUT, DLQ, DECODE_ERRORS, LEARNER_LAG_MESSAGES, LEARNER_LAG_SECONDS,
     TRANSITIONS_APPLIED, DUPLICATES_DROPPED, SNAPSHOT_VERSION, SNAPSHOT_CREATED,
-    MODEL_FRESHNESS, SERVING_LATENCY, SIM_RETURN, SIM_CTR, SIM_EPISODES,
+    MODEL_FRESHNESS, SERVING_LATENCY, SIM_RETURN, SIM_CTR, SIM_EPISODES, WAITING_FOR_BROKER,
 )  # fmt: skip
 
 
