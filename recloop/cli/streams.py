@@ -30,7 +30,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
 
 def streams(
-    app_id: str = typer.Option("recloop-streams", help="faust app id (consumer group)."),
+    app_id: str = typer.Option(
+        "", help="faust app id (consumer group); default: the topic prefix + recloop-streams."
+    ),
     data_dir: str = typer.Option("", help="faust data dir (default: HOME/streams/APP_ID)."),
     batch_size: int = typer.Option(10_000, min=1, help="Most records folded per batch."),
     batch_within: float = typer.Option(0.05, min=0.001, help="Longest wait to fill a batch (s)."),
@@ -55,6 +57,7 @@ def streams(
     require_broker(settings, "run the streams worker")
     if create:
         create_topics(settings)
+    app_id = app_id or default_app_id(settings)
     config = StreamsConfig(
         app_id=app_id,
         data_dir=Path(data_dir) if data_dir else settings.home / "streams" / app_id,
@@ -65,6 +68,11 @@ def streams(
     )
     serve_metrics(settings)
     run(settings, config, loglevel, observer=_metrics_observer(settings))
+
+
+def default_app_id(settings: Settings) -> str:
+    """The worker's faust app id (its consumer group): under the deployment's prefix."""
+    return settings.topics.group("recloop-streams")
 
 
 def _metrics_observer(settings: Settings):

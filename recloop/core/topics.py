@@ -52,6 +52,11 @@ class Topics:
             raise KeyError(f"unknown topic {base_name!r}; known: {sorted(_BY_NAME)}")
         return f"{self.prefix}{base_name}"
 
+    def group(self, name: str) -> str:
+        """A consumer group (or faust app id) of this deployment: under the same prefix, so
+        two deployments on one broker never share a group and stall each other's rebalances."""
+        return f"{self.prefix}{name}"
+
     def dlq(self, topic: str) -> str:
         """The dead-letter topic of an already-resolved topic name."""
         return f"{topic}{DLQ_SUFFIX}"

@@ -73,14 +73,16 @@ def group_lag(
 
 
 def recloop_groups(settings: Settings) -> list[str]:
-    """Consumer groups of recloop's processes (streams, learner, serving) on this broker."""
+    """Consumer groups of this deployment's processes (streams, learner, serving): under its
+    topic prefix, so another deployment's groups on the same broker are not shown."""
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient(settings.kafka_client_config())
     result = admin.list_consumer_groups(request_timeout=10).result()
     names = sorted(g.group_id for g in result.valid)
-    wanted = ("recloop-streams", "recloop-learner", "recloop-serve")
-    return [n for n in names if any(w in n for w in wanted) and "-side-" not in n]
+    wanted = tuple(settings.topics.group(w) for w in ("recloop-streams", "recloop-learner",
+                                                      "recloop-serve"))  # fmt: skip
+    return [n for n in names if n.startswith(wanted) and "-side-" not in n]
 
 
 def committed_topics(settings: Settings, group: str) -> list[str]:

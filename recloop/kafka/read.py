@@ -25,7 +25,7 @@ def read_topic(
     position passes that end, not when a record with offset end-1 arrives.
     """
     consumer = Consumer({
-        **settings.kafka_client_config(), "group.id": "recloop-reader",
+        **settings.kafka_client_config(), "group.id": settings.topics.group("recloop-reader"),
         "enable.auto.commit": False,
     })  # fmt: skip
     out: list[tuple[int, int, Any]] = []
@@ -54,7 +54,7 @@ def read_topic(
 
 def end_offsets(settings: Settings, topic: str) -> int:
     """Sum of the log-end offsets of ``topic``'s partitions."""
-    consumer = Consumer({**settings.kafka_client_config(), "group.id": "recloop-reader"})
+    consumer = Consumer({**settings.kafka_client_config(), "group.id": settings.topics.group("recloop-reader")})
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         return sum(

@@ -24,7 +24,8 @@ class FoldStep:
     def __init__(self, settings: Settings, bus: Bus, group_id: str = "recloop-streams") -> None:
         self.topics = settings.topics
         self.bus = bus
-        self.reader = Reader(bus, self.topics, ["rec.slates", "rec.feedback"], group_id,
+        self.reader = Reader(bus, self.topics, ["rec.slates", "rec.feedback"],
+                             self.topics.group(group_id),
                              "streams")  # fmt: skip
         self.states: dict[str, SessionState] = {}
         self.transitions = 0

@@ -16,10 +16,13 @@ class ServeOptions:
     """Most requests answered per batch."""
     poll_timeout_s: float = 0.1
     """Longest wait for a request before the loop looks at its other duties."""
+    warm_up_s: float = 60.0
+    """Longest wait at start for the announced snapshots to be read and installed."""
     commit_every_s: float = 1.0
     """How often slates are confirmed and request offsets committed."""
     group_id: str = "recloop-serve"
-    """Consumer group of the request loop (replicas share the requests)."""
+    """Consumer group of the request loop (replicas share the requests), under the
+    deployment's topic prefix."""
     name: str = "recloop-serve"
     """This consumer's name in dead-letter headers."""
     index_kind: str = "auto"
