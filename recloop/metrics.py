@@ -70,11 +70,22 @@ WAITING_FOR_BROKER = Gauge(
     "1 while the process waits for the broker to come back (deliveries or commits stalled)",
     ["process"],
 )
+SNAPSHOTS_REFUSED = Counter(
+    "recloop_snapshots_refused_total",
+    "Snapshots refused as damaged or not matching their record (an older valid one is used)",
+    ["process", "policy"],
+)
+SERVING_BEHIND_NEWEST = Gauge(
+    "recloop_serving_behind_newest",
+    "Newest announced version minus the version serving (0: serving the newest)",
+    ["policy"],
+)
 
 ALL_METRICS = (
     RECORDS_IN, RECORDS_OUT, DLQ, DECODE_ERRORS, LEARNER_LAG_MESSAGES, LEARNER_LAG_SECONDS,
     TRANSITIONS_APPLIED, DUPLICATES_DROPPED, SNAPSHOT_VERSION, SNAPSHOT_CREATED,
     MODEL_FRESHNESS, SERVING_LATENCY, SIM_RETURN, SIM_CTR, SIM_EPISODES, WAITING_FOR_BROKER,
+    SNAPSHOTS_REFUSED, SERVING_BEHIND_NEWEST,
 )  # fmt: skip
 
 
