@@ -14,6 +14,10 @@ match the ``v<digits>`` pattern and are ignored.
 announcement also carry the manifest's own SHA-256, so a reader that knows both hashes
 detects any change to either file. Reading never executes or unpickles anything: JSON and
 safetensors are data-only formats.
+
+A damaged directory is never repaired or removed here: it still holds its version number
+(``snapshot_versions`` lists it), so no later snapshot can be written under that number.
+Readers skip to an older one (the learner on resume, serving on a refused announcement).
 """
 
 from __future__ import annotations
@@ -211,20 +215,25 @@ def describe_snapshot(path: Path) -> SnapshotRef:
     )
 
 
-def latest_snapshot(root: Path, policy: str) -> SnapshotRef | None:
-    """The highest-versioned complete snapshot of ``policy`` under ``root``, or ``None``."""
+def snapshot_versions(root: Path, policy: str) -> list[tuple[int, Path]]:
+    """Every ``v<digits>`` directory of ``policy`` under ``root`` as ``(version, path)``,
+    newest first, whether or not its files verify (a damaged one still holds its version)."""
     _check_policy(policy)
     base = Path(root) / policy
     if not base.is_dir():
-        return None
+        return []
     versions = [
         (int(match.group(1)), entry)
         for entry in base.iterdir()
         if (match := _VERSION_DIR_RE.match(entry.name)) and entry.is_dir()
     ]
-    if not versions:
-        return None
-    return describe_snapshot(max(versions)[1])
+    return sorted(versions, reverse=True)
+
+
+def latest_snapshot(root: Path, policy: str) -> SnapshotRef | None:
+    """The highest-versioned complete snapshot of ``policy`` under ``root``, or ``None``."""
+    versions = snapshot_versions(root, policy)
+    return describe_snapshot(versions[0][1]) if versions else None
 
 
 def _check_policy(policy: str) -> None:

@@ -127,6 +127,11 @@ class Storage:
             row = session.scalars(query).first()
         return None if row is None else _snapshot_dict(row)
 
+    def snapshot(self, policy: str, version: int) -> dict | None:
+        """The record of ``policy`` version ``version``, or ``None`` if it was never recorded."""
+        row = self._snapshot(policy, version)
+        return None if row is None else _snapshot_dict(row)
+
     def list_snapshots(self, policy: str) -> list[dict]:
         """Every recorded snapshot of ``policy``, oldest version first."""
         query = (
