@@ -7,14 +7,24 @@ to the agent's ``learn_many`` (the agent owns its update schedule), and when the
 
 1. ``weights.safetensors`` + ``manifest.json`` written atomically (``DiskSnapshots``), with
    the consumed offsets, the applied-transition count and digest, and the ids applied
-   recently; recorded in storage;
+   recently; recorded in storage. Its version is taken the moment it is written, and
+   ``DiskSnapshots`` never hands out a version known anywhere already;
 2. announced on ``policy.snapshots``;
 3. only then are the offsets committed.
 
-After a crash the service resumes from the latest snapshot: its tensors restore the agent
-exactly, its offsets say where to read from, and its id window drops anything re-delivered
-between the snapshot and the last commit. So no transition is lost or applied twice, and the
-manifest carries the evidence (``transitions_applied`` and ``applied_digest``).
+An announcement the bus does not acknowledge stays pending: the error goes to the caller,
+and the next ``step`` or ``publish`` sends it again before anything else (serving takes a
+repeated announcement as stale), so a snapshot written during an outage is announced once
+the broker is back and its offsets are committed only after that. ``run`` waits such
+transient bus errors out with a bounded backoff, saying "waiting for the broker" in the log
+and in ``recloop_waiting_for_broker{process="learner"}``; a fatal error still ends it.
+
+After a crash the service resumes from the newest snapshot that verifies (``DiskSnapshots``
+refuses damaged ones and falls back): its tensors restore the agent exactly, its offsets say
+where to read from, and its id window drops anything re-delivered between the snapshot and
+the last commit. So no transition is lost or applied twice, and the manifest carries the
+evidence (``transitions_applied`` and ``applied_digest``). The snapshot it resumed from is
+announced again, in case a crash or an outage kept the first announcement from serving.
 """
 
 from __future__ import annotations
@@ -30,15 +40,16 @@ import numpy as np
 from recloop import metrics
 from recloop.core import codec
 from recloop.core.events import PolicyPublished, Transition
+from recloop.core.membus import DeliveryFailed
 from recloop.core.ports import Bus
 from recloop.core.settings import Settings
 from recloop.core.spec import WorldSpec
-from recloop.kafka.deadletter import Reader
+from recloop.kafka.deadletter import Reader, fatal
 from recloop.learner import publishing, registry
 from recloop.learner.publishing import id_digest
-from recloop.services.learn_snapshots import DiskSnapshots, Snapshots
+from recloop.services.learn_snapshots import DiskSnapshots, Resumed, Snapshots
 
-__all__ = ["DiskSnapshots", "LearnConfig", "LearnerService", "Snapshots", "id_digest"]
+__all__ = ["DiskSnapshots", "LearnConfig", "LearnerService", "Resumed", "Snapshots", "id_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +72,17 @@ class LearnConfig:
     """How many recent transition ids are remembered (and saved) to drop re-deliveries."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Algorithm Config overrides."""
+    retry_first_s: float = 0.5
+    """After a transient bus error ``run`` waits this long before trying again..."""
+    retry_max_s: float = 10.0
+    """...doubling the wait after each further error up to this."""
 
 
 class LearnerService:
-    """One learner: owns the agent, its reader of ``rec.transitions`` and the schedule."""
+    """One learner: owns the agent, its reader of ``rec.transitions`` and the schedule.
+
+    ``on_publish`` is called with each announcement once the bus has acknowledged it.
+    """
 
     def __init__(
         self,
@@ -72,7 +90,7 @@ class LearnerService:
         config: LearnConfig,
         spec: WorldSpec,
         storage: Any = None,
-        on_publish: Callable[[Any], None] | None = None,
+        on_publish: Callable[[PolicyPublished], None] | None = None,
         *,
         bus: Bus | None = None,
         snapshots: Snapshots | None = None,
@@ -90,6 +108,9 @@ class LearnerService:
         self.metrics: dict[str, float] = {}
         self.last_publish = time.monotonic()
         self.unpublished = 0
+        self.pending: PolicyPublished | None = None
+        """The announcement of a written snapshot the bus has not acknowledged yet."""
+        self.resumed = False
         self._resume()
         self.lag = None
         if bus is None:
@@ -101,7 +122,7 @@ class LearnerService:
         self.bus = bus
         self.reader = Reader(
             bus, self.topics, ["rec.transitions"], self.group_id, f"learner:{config.policy}",
-            start_at=self.progress.start_offset,
+            start_at=self._start_at,
         )  # fmt: skip
 
     @property
@@ -112,16 +133,25 @@ class LearnerService:
         """Start from the latest snapshot: the agent's tensors, offsets and id window. Its
         offsets win over the group's committed ones (they agree but after a crash between
         snapshot and commit, and the snapshot is the truth)."""
-        found = self.snapshots.latest(self.config.policy)
-        if found is None:
+        resumed = self.snapshots.latest(self.config.policy)
+        if resumed is None:
             return
-        tensors, manifest = found
+        tensors = dict(resumed.tensors)
         ids = publishing.unpack_ids(tensors.pop(publishing.APPLIED_IDS_KEY, np.zeros(0, np.uint8)))
         self.agent.load_state_tensors(tensors)
-        self.progress = publishing.progress_from_manifest(manifest)
+        self.progress = publishing.progress_from_manifest(resumed.manifest)
         self.window = publishing.DedupeWindow(self.config.dedupe_window, ids)
+        self.pending = resumed.announcement
+        self.resumed = True
         log.info("resumed %s from v%d (%d applied)", self.config.policy, self.progress.version,
                  self.progress.transitions_applied)  # fmt: skip
+
+    def _start_at(self, topic: str, partition: int) -> int | None:
+        """Where to read a partition from: the resumed snapshot's offset, or the start of a
+        partition it read nothing of (the group may have committed past it for a newer
+        snapshot that was refused); without a snapshot, the group's committed offset."""
+        offset = self.progress.start_offset(topic, partition)
+        return 0 if offset is None and self.resumed else offset
 
     @property
     def state(self) -> publishing.Progress:
@@ -130,7 +160,9 @@ class LearnerService:
     # -- loop ------------------------------------------------------------------------------
 
     def step(self, timeout: float | None = None) -> int:
-        """Poll once, learn from what is new, publish if due; returns transitions applied."""
+        """Announce what is pending, poll once, learn from what is new, publish if due;
+        returns transitions applied."""
+        self._settle()
         wait = self.config.poll_timeout_s if timeout is None else timeout
         batch = self.reader.poll_batch(self.config.poll_max, wait)
         fresh: list[Transition] = []
@@ -156,39 +188,108 @@ class LearnerService:
         return len(fresh)
 
     def run(self, should_stop: Callable[[], bool], max_seconds: float | None = None) -> None:
+        """Step until ``should_stop()`` (or ``max_seconds``), waiting out transient bus errors
+        with a doubling backoff; publish what is left, then close."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
+
+        def going() -> bool:
+            return not should_stop() and (deadline is None or time.monotonic() < deadline)
+
+        pause = 0.0
         try:
-            while not should_stop() and (deadline is None or time.monotonic() < deadline):
-                self.step()
-            if self.unpublished:
-                self.publish()
+            while going():
+                try:
+                    self.step()
+                except Exception as exc:
+                    if not transient(exc):
+                        raise
+                    pause = min(max(2 * pause, self.config.retry_first_s), self.config.retry_max_s)
+                    self._wait_for_broker(exc, pause, going)
+                    continue
+                if pause:
+                    pause = 0.0
+                    metrics.WAITING_FOR_BROKER.labels("learner").set(0)
+                    log.info("learner %s: the broker is back", self.config.policy)
+            self._last_publish()
         finally:
+            metrics.WAITING_FOR_BROKER.labels("learner").set(0)
             self.close()
 
+    def _wait_for_broker(self, exc: Exception, pause: float, going: Callable[[], bool]) -> None:
+        metrics.WAITING_FOR_BROKER.labels("learner").set(1)
+        log.warning("learner %s: waiting for the broker (%s: %s); trying again in %.1f s",
+                    self.config.policy, type(exc).__name__, exc, pause)  # fmt: skip
+        until = time.monotonic() + pause
+        while going() and time.monotonic() < until:
+            time.sleep(min(0.1, pause))
+
+    def _last_publish(self) -> None:
+        # Stopping while the broker is away: the snapshot is written, and the next start
+        # announces the snapshot it resumes from.
+        try:
+            if self.unpublished:
+                self.publish()
+            self._settle()
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            log.warning("learner %s: stopping with v%d not announced (%s); the next start "
+                        "announces it", self.config.policy, self.progress.version, exc)  # fmt: skip
+
     def publish(self) -> PolicyPublished:
-        """Write, record and announce a snapshot, then commit the offsets it covers."""
-        version = self.progress.version + 1
+        """Write and record a snapshot, announce it, then commit the offsets it covers.
+
+        A pending announcement is settled first. The new snapshot's version is taken as soon
+        as it is written; if its announcement is not acknowledged the error is raised and
+        the announcement stays pending (see the module docstring).
+        """
+        self._settle()
         manifest = publishing.compose_manifest(
             self.config.algo, self.agent.config_dict(), self.spec.to_dict(), self.metrics,
             self.progress, self.config.seed,
         )  # fmt: skip
-        announcement = self.snapshots.write(self.config.policy, version, self.agent,
-                                            list(self.window.ids), manifest)  # fmt: skip
-        self.bus.publish(self.topics.snapshots, self.config.policy.encode(),
-                         codec.encode(announcement))  # fmt: skip
-        self.bus.flush()
-        self.reader.commit()
-        self.progress.version = version
-        metrics.SNAPSHOT_VERSION.labels("learner", self.config.policy).set(version)
+        announcement = self.snapshots.write(self.config.policy, self.progress.version + 1,
+                                            self.agent, list(self.window.ids),
+                                            manifest)  # fmt: skip
+        self.progress.version = announcement.version
+        metrics.SNAPSHOT_VERSION.labels("learner", self.config.policy).set(announcement.version)
         metrics.SNAPSHOT_CREATED.labels("learner", self.config.policy).set(announcement.created_ts)
         self.unpublished = 0
         self.last_publish = time.monotonic()
-        if self.on_publish:
-            self.on_publish(getattr(self.snapshots, "last_ref", None) or announcement)
+        self.pending = announcement
+        self._settle()
         return announcement
+
+    def _settle(self) -> None:
+        """Send the pending announcement and wait for the bus to acknowledge it; only then
+        commit the offsets its snapshot covers. Raises (leaving it pending) if not acked."""
+        announcement = self.pending
+        if announcement is None:
+            return
+        self.bus.publish(self.topics.snapshots, self.config.policy.encode(),
+                         codec.encode(announcement))  # fmt: skip
+        self.bus.flush()
+        self.pending = None
+        if self.on_publish:
+            self.on_publish(announcement)
+        self.reader.commit()
 
     def close(self) -> None:
         if self.lag is not None:
             self.lag.close()
-        self.reader.close()
-        self.bus.flush(10)
+        try:
+            self.reader.close()
+            self.bus.flush(10)
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            log.warning("learner %s: closed with records unacknowledged: %s",
+                        self.config.policy, exc)  # fmt: skip
+
+
+def transient(exc: Exception) -> bool:
+    """Whether a bus error is broker trouble to wait out: a delivery that was not
+    acknowledged, or a Kafka error that is not fatal (anything else is a bug, and raises)."""
+    from recloop.kafka.clients import DeliveryError  # confluent-kafka only once it matters
+
+    return isinstance(exc, (DeliveryError, DeliveryFailed)) or not fatal(exc)
