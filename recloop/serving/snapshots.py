@@ -4,7 +4,8 @@
 checking both files against the SHA-256 the announcement carries, checks the manifest names
 the announced policy and version, builds the policy with the injected loader (serving never
 imports the learner) and, if the policy has item embeddings, the faiss index; only then does
-it swap. Anything that fails leaves the current policy serving and is counted by reason.
+it swap. Anything that fails leaves the current policy serving and is counted by reason;
+``services.serve_installs`` then tries the newest older announcement above what serves.
 """
 
 from __future__ import annotations
