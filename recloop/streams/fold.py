@@ -1,28 +1,48 @@
 """The session fold: ``apply(state, event) -> (state, transitions)``, pure and deterministic.
 
-Slates (``rec.slates``) and feedback (``rec.feedback``) of one user arrive on two topics, so
-their interleaving is arbitrary even though each topic is ordered per user. The fold
-therefore:
+Slates (``rec.slates``) and feedback (``rec.feedback``) of one user arrive on two topics, and
+after a backlog a fetch may hand over a whole topic before the other, so a user's feedback
+can come long before their slates. The transitions the fold emits are therefore a function
+of the *set* of a user's records, not of their order: every permutation of them gives the
+same transitions (same ids, same content) once all have arrived, unless a buffer overflowed
+or a session was expired first. The rules that make it so:
 
-- keeps every served slate as *pending* until its outcome is known: all of its impressions
-  arrived and, if one was marked clicked, its Click (with the reward) arrived too;
-- buffers feedback that arrives before its slate (``early_feedback``) and replays it when
-  the slate comes;
-- emits the transition of a slate only once its *successor* is known: the next slate of the
-  session (which gives the exact next observation and the next served slate that SARSA
-  needs) or the session's end (``done``). A completed outcome is folded into the view at
-  once, so serving sees fresh history without waiting;
-- is idempotent: a repeated slate, a repeated impression or click, or an event of a
+- a session's slates are numbered by ``step`` from 0, one per answered slate (as
+  ``SessionEnd.steps`` counts them). Each served slate stays *pending*, in step order, until
+  its outcome is known: all of its impressions arrived and, if one was marked clicked, its
+  Click (with the reward) arrived too;
+- transitions go out in step order. A slate's goes out once its outcome is known, every
+  earlier step's went out, and its *successor* is known: the slate of the next step (which
+  gives the exact next observation and the next served slate that SARSA needs) or the
+  session's end (``done``). A completed outcome is folded into the view at once, so serving
+  sees fresh history without waiting;
+- feedback that arrives before its slate is buffered (``early_feedback``) and applied when
+  the slate comes; a ``SessionEnd`` waits there until the outcomes it counts are known;
+- a user's *next* session waits until the current one ends: its slates are parked and its
+  feedback buffered, because the slates topic may run ahead of the feedback topic and the
+  current session's last outcomes and SessionEnd may still be on their way. (A session of
+  which only feedback has come holds nobody up: the first slate to come starts its own.)
+  Each session's transitions depend on its own records only, so which runs first does not
+  matter;
+- a session ends with its ``SessionEnd`` or, gone quiet, with ``expire(state, now,
+  timeout)``. Either way every transition that can be emitted goes out, in step order: an
+  answered slate's successor is the next pending slate, answered or not; a slate never
+  answered emits nothing, and the chain goes on from the view as last known.
+  ``unanswered(state)`` counts those slates, for the caller to count before it expires;
+- nothing is dropped silently. A record that would overflow a buffer (``FoldConfig``) is
+  refused with ``BufferFull``, an ``InvalidEvent``, and the state is unchanged, so the
+  caller dead-letters it with the reason, as it does feedback that contradicts its slate.
+  Buffered feedback that contradicts its slate when that comes, or whose session ended
+  without its slate, stays in the buffer until the caller takes it, with the reason, from
+  ``take_rejected`` and dead-letters it;
+- it is idempotent: a repeated slate, a repeated impression or click, or an event of a
   finished session changes nothing. Repeats are recognised by what they are (the slate's
-  request, the impressed position, the click of a slate), not by remembering every event
-  id: the state stays small, and every state change is encoded and sent;
-- keeps a user's *next* session waiting until the current one ends: its slates are parked
-  and its feedback buffered, because the slates topic may run ahead of the feedback topic
-  and the current session's last outcomes and SessionEnd may still be on their way. The
-  next session starts as soon as the current one ends (SessionEnd, inactivity, or too many
-  parked slates);
-- ``expire(state, now, timeout)`` ends a session that has gone quiet and emits its terminal
-  transition, so sessions that never end still teach the learner.
+  request or a step already emitted, the impressed position, the click of a slate), not by
+  remembering every event id: the state stays small, and every state change is encoded and
+  sent.
+
+Order still matters where the records contradict each other: of two slates served for one
+request, the first to arrive counts (the slates topic keeps the order serving sent them in).
 
 Transition ids are a hash of (user, session, request), so a re-emission after a crash carries
 the same id and downstream consumers drop it.
@@ -37,6 +57,7 @@ import msgspec
 
 from recloop.core.events import (
     Click,
+    Feedback,
     Impression,
     PendingSlate,
     Record,
@@ -50,7 +71,12 @@ from recloop.core.events import (
 
 @dataclass(frozen=True)
 class FoldConfig:
-    """Limits that keep the per-user state small."""
+    """Limits that keep the per-user state small.
+
+    The buffers are sized for a backlog: a whole session's feedback (an interest-evolution
+    session is 60-90 slates, ~300 feedback records of ~215 bytes) can wait for its slates,
+    while a full state stays well under the 512 KiB a state record may take on the wire.
+    """
 
     history_len: int = 10
     """How many recent positively-answered items the view keeps (DRR uses the last 5)."""
@@ -58,11 +84,12 @@ class FoldConfig:
     """How many of the session's answered slates are remembered, so their repeats are dropped."""
     past_sessions: int = 8
     """How many finished session ids are remembered, so their late events are dropped."""
-    early_feedback: int = 64
-    """Most feedback records buffered while waiting for their slate."""
-    parked_slates: int = 32
-    """Most slates of a user's next session parked while the current one is still open;
-    one more closes the current session as abandoned."""
+    early_feedback: int = 1024
+    """Most feedback records buffered while waiting for their slate; one more is refused
+    (``BufferFull``)."""
+    parked_slates: int = 64
+    """Most slates of a user's later sessions parked while the current one is still open;
+    one more is refused (``BufferFull``)."""
 
 
 # The fold's state is the contract's SessionState (it carries ``parked`` slates too).
@@ -70,7 +97,11 @@ FoldState = SessionState
 
 
 class InvalidEvent(ValueError):
-    """A well-formed event that contradicts its slate (position outside it, wrong item)."""
+    """A well-formed event the fold cannot use (it contradicts its slate); state unchanged."""
+
+
+class BufferFull(InvalidEvent):
+    """The event would have to wait in a buffer that is full; it is refused, state unchanged."""
 
 
 DEFAULT = FoldConfig()
@@ -96,7 +127,8 @@ def apply(
 ) -> tuple[FoldState, list[Transition]]:
     """Fold one slate or feedback event into a user's state; return new state and transitions.
 
-    Raises ``InvalidEvent`` for feedback that contradicts its slate; the state is unchanged.
+    Raises ``InvalidEvent`` for feedback that contradicts its slate and ``BufferFull`` for an
+    event that would overflow a buffer; the state is unchanged.
     """
     if not isinstance(event, _FOLDED):
         raise TypeError(f"the session fold takes slates and feedback, not {type(event).__name__}")
@@ -106,8 +138,10 @@ def apply(
         return state, []  # a late event of a session that is already over
     if event.session_id != state.session_id:
         if type(event) is not SlateServed:
-            return _buffer(state, event, config), []  # feedback before its session's slate
-        if state.ended:
+            # Feedback before its session's slate.
+            return _buffer(state, event, config), []  # type: ignore[arg-type]
+        if state.ended or not (state.pending or state.done_requests):
+            # The current session is over, or only its feedback came yet: this one starts.
             return _apply_slate(_start_session(state, event.session_id), event, config)
         return _park(state, event, config)
     if state.ended:
@@ -120,23 +154,80 @@ def apply(
 def expire(
     state: SessionState, now: float, timeout_s: float, config: FoldConfig = DEFAULT
 ) -> tuple[FoldState, list[Transition]]:
-    """End a session idle for longer than ``timeout_s``, emitting its terminal transition."""
+    """End a session idle for longer than ``timeout_s``, emitting what it can (module rules)."""
     if state.ended or now - state.last_event_ts < timeout_s:
         return state, []
     return _end_session(state, now, config)
+
+
+def unanswered(state: SessionState) -> int:
+    """How many of the open session's slates have no known outcome: the slates that ending
+    the session now (``expire``) would close without a transition."""
+    if state.ended:
+        return 0
+    return sum(1 for p in state.pending if not p.outcome_known)
+
+
+def take_rejected(state: SessionState) -> tuple[FoldState, list[tuple[Feedback, str]]]:
+    """Take the buffered feedback the fold can never use out of ``state``, with the reasons.
+
+    That is feedback whose slate came and contradicted it, or whose session ended without
+    its slate; the caller dead-letters it. A state with nothing to take comes back as is.
+    """
+    if not state.early_feedback:
+        return state, []
+    pending = {p.request_id: p for p in state.pending}
+    keep: list[Feedback] = []
+    taken: list[tuple[Feedback, str]] = []
+    for feedback in state.early_feedback:
+        reason = _rejection(state, feedback, pending)
+        if reason is None:
+            keep.append(feedback)
+        else:
+            taken.append((feedback, reason))
+    if not taken:
+        return state, []
+    return _replace(state, early_feedback=keep), taken
+
+
+def _rejection(
+    state: FoldState, feedback: Feedback, pending: dict[str, PendingSlate]
+) -> str | None:
+    """Why buffered ``feedback`` can never be folded, or None while it may still be."""
+    if isinstance(feedback, SessionEnd):
+        return None  # applied when its session ends, whichever way it ends
+    session_id = feedback.session_id
+    name = f"{type(feedback).__name__} {feedback.event_id}"
+    if session_id in state.past_sessions or (session_id == state.session_id and state.ended):
+        return f"{name}: session {session_id} ended before slate {feedback.request_id} arrived"
+    if session_id != state.session_id:
+        return None
+    slate = pending.get(feedback.request_id)
+    if slate is not None:
+        try:
+            _check_matches(slate, feedback)
+        except InvalidEvent as exc:
+            return f"{exc} (it arrived before the slate)"
+        return None
+    if feedback.request_id in state.done_requests:
+        return f"{name}: slate {feedback.request_id} was answered without it (it contradicts it)"
+    return None
 
 
 def _park(
     state: FoldState, slate: SlateServed, config: FoldConfig
 ) -> tuple[FoldState, list[Transition]]:
     """Hold a slate of the user's next session until the current session ends."""
-    if any(p.request_id == slate.request_id for p in state.parked):
+    parked = state.parked
+    if any(p.request_id == slate.request_id for p in parked):
         return state, []
-    state = _replace(state, parked=[*state.parked, slate])
-    if len(state.parked) <= config.parked_slates:
-        return state, []
-    # The current session never ended and the user has moved on for a while: close it.
-    return _end_session(state, state.last_event_ts, config)
+    if len(parked) >= config.parked_slates:
+        raise BufferFull(
+            f"SlateServed {slate.request_id} of session {slate.session_id}: {len(parked)} "
+            f"slates of later sessions already wait for user {state.user_id}'s session "
+            f"{state.session_id} to end (parked_slates={config.parked_slates})"
+        )
+    return _replace(state, parked=[*parked, slate]), []
 
 
 def _start_session(state: FoldState, session_id: str) -> FoldState:
@@ -165,25 +256,36 @@ def _start_parked(state: FoldState, config: FoldConfig) -> tuple[FoldState, list
     return state, out
 
 
-def _event_key(event: Record) -> str:
-    if isinstance(event, SlateServed):
-        return f"slate:{event.request_id}"
-    return event.event_id  # type: ignore[attr-defined]
+def _buffer(state: FoldState, event: Feedback, config: FoldConfig) -> FoldState:
+    """``state`` with ``event`` waiting in the early-feedback buffer (once).
 
-
-def _buffer(state: FoldState, event: Record, config: FoldConfig) -> FoldState:
-    key = _event_key(event)
-    if any(_event_key(e) == key for e in state.early_feedback):
+    Feedback of the current session keeps it alive (``last_event_ts``): a session whose
+    slates lag behind its feedback is not idle. Other sessions' feedback does not.
+    """
+    buffered = state.early_feedback
+    if event in buffered:  # a redelivery; records compare by value, in C
         return state
-    buffered = [*state.early_feedback, event][-config.early_feedback :]
-    return _replace(state, early_feedback=buffered)
+    if len(buffered) >= config.early_feedback:
+        raise BufferFull(
+            f"{type(event).__name__} {event.event_id}: {len(buffered)} feedback records "
+            f"already wait for their slates for user {state.user_id} "
+            f"(early_feedback={config.early_feedback})"
+        )
+    last_ts = state.last_event_ts
+    if event.session_id == state.session_id and event.ts > last_ts:
+        last_ts = event.ts
+    return _replace(state, early_feedback=[*buffered, event], last_event_ts=last_ts)
 
 
 def _apply_slate(
     state: FoldState, slate: SlateServed, config: FoldConfig
 ) -> tuple[FoldState, list[Transition]]:
     request_id = slate.request_id
-    if request_id in state.done_requests or any(p.request_id == request_id for p in state.pending):
+    if (
+        slate.step < state.frontier.step
+        or request_id in state.done_requests
+        or any(p.request_id == request_id for p in state.pending)
+    ):
         return state, []  # a repeat (the simulator retries requests that went unanswered)
     pending = PendingSlate(
         request_id=request_id,
@@ -210,28 +312,45 @@ def _apply_slate(
         state, pending=pendings, view=view, last_event_ts=max(slate.ts, state.last_event_ts)
     )
     state, out = _release_ready(state, config)
-    # Feedback that came before this slate can be applied now.
-    waiting = [
-        f
-        for f in state.early_feedback
-        if getattr(f, "request_id", None) == request_id
-        or (isinstance(f, SessionEnd) and f.session_id == state.session_id)
-    ]
-    if waiting:
-        state = _replace(state, early_feedback=[f for f in state.early_feedback if f not in waiting])
-        for feedback in waiting:
-            try:
-                state, more = apply(state, feedback, config)
-            except InvalidEvent:
-                # Only now can this buffered record be checked against its slate; the pure
-                # fold has nowhere to send it, and applying it would corrupt the outcome.
-                continue
-            out += more
+    if not state.early_feedback:
+        return state, out
+    state, more = _replay(state, request_id, config)
+    return state, out + more
+
+
+def _replay(
+    state: FoldState, request_id: str, config: FoldConfig
+) -> tuple[FoldState, list[Transition]]:
+    """Apply the buffered feedback of the slate that just arrived (and a SessionEnd waiting
+    for the session to start); what contradicts the slate stays buffered for
+    ``take_rejected``: only now could it be checked, and applying it would corrupt the
+    outcome."""
+    session_id = state.session_id
+    waiting: list[Feedback] = []
+    rest: list[Feedback] = []
+    for feedback in state.early_feedback:
+        if feedback.session_id != session_id:
+            rest.append(feedback)
+        elif isinstance(feedback, SessionEnd) or feedback.request_id == request_id:
+            waiting.append(feedback)
+        else:
+            rest.append(feedback)
+    if not waiting:
+        return state, []
+    state = _replace(state, early_feedback=rest)
+    out: list[Transition] = []
+    for feedback in waiting:
+        try:
+            state, more = _apply_feedback(state, feedback, config)
+        except InvalidEvent:
+            state = _replace(state, early_feedback=[*state.early_feedback, feedback])
+            continue
+        out += more
     return state, out
 
 
 def _apply_feedback(
-    state: FoldState, event: Impression | Click | SessionEnd, config: FoldConfig
+    state: FoldState, event: Feedback, config: FoldConfig
 ) -> tuple[FoldState, list[Transition]]:
     if isinstance(event, SessionEnd):
         if state.view.step < event.steps:
@@ -273,25 +392,27 @@ def _apply_feedback(
     pending = list(state.pending)
     pending[index] = slate
     view = state.view
-    if slate.outcome_known and not before.outcome_known:
+    completed = slate.outcome_known and not before.outcome_known
+    if completed:
         view = _advance(view, slate, config)
     state = _replace(
         state, pending=pending, view=view, last_event_ts=max(event.ts, state.last_event_ts)
     )
     state, out = _release_ready(state, config)
-    if not state.early_feedback:
+    if not (completed and state.early_feedback):
         return state, out
-    # A SessionEnd buffered behind this outcome may now be applied.
-    ends = [
-        f
-        for f in state.early_feedback
-        if isinstance(f, SessionEnd) and f.session_id == state.session_id
-    ]
-    if ends and state.view.step >= ends[0].steps:
-        state = _replace(state, early_feedback=[f for f in state.early_feedback if f not in ends])
-        state, more = _apply_feedback(state, ends[0], config)
-        out += more
-    return state, out
+    state, more = _end_if_counted(state, config)
+    return state, out + more
+
+
+def _end_if_counted(state: FoldState, config: FoldConfig) -> tuple[FoldState, list[Transition]]:
+    """Apply the session's buffered SessionEnd once the outcomes it counts are known."""
+    session_id = state.session_id
+    ends = (f for f in state.early_feedback if isinstance(f, SessionEnd))
+    end = next((f for f in ends if f.session_id == session_id), None)
+    if end is None or state.view.step < end.steps:
+        return state, []
+    return _end_session(state, end.ts, config)
 
 
 def _check_matches(slate: PendingSlate, event: Impression | Click) -> None:
@@ -319,23 +440,36 @@ def _advance(view: UserView, slate: PendingSlate, config: FoldConfig) -> UserVie
 
 
 def _release_ready(state: FoldState, config: FoldConfig) -> tuple[FoldState, list[Transition]]:
-    """Emit transitions for answered slates whose successor slate is already known."""
+    """Emit, in step order, the transitions of answered slates whose successor is known."""
     pending = state.pending
     if len(pending) < 2 or not pending[0].outcome_known:
         return state, []
     out: list[Transition] = []
-    done = list(state.done_requests)
     frontier = state.frontier
-    while len(pending) >= 2 and pending[0].outcome_known:
-        answered, successor = pending[0], pending[1]
+    released = 0
+    while released + 1 < len(pending):
+        answered, successor = pending[released], pending[released + 1]
+        # The frontier's step counts the slates emitted, so this is the next one in the chain.
+        if not (
+            answered.outcome_known
+            and answered.step == frontier.step
+            and successor.step == answered.step + 1
+        ):
+            break
         before = _with_observation(frontier, answered)
         after = _with_observation(_advance(before, answered, config), successor)
         out.append(_transition(state, answered, before, after, successor, done=False))
-        done.append(answered.request_id)
-        pending = pending[1:]
         frontier = after
-    done = done[-config.done_requests :]
-    return _replace(state, pending=pending, frontier=frontier, done_requests=done), out
+        released += 1
+    if not released:
+        return state, []
+    done = [*state.done_requests, *(p.request_id for p in pending[:released])]
+    return _replace(
+        state,
+        pending=pending[released:],
+        frontier=frontier,
+        done_requests=done[-config.done_requests :],
+    ), out
 
 
 def _with_observation(view: UserView, slate: PendingSlate) -> UserView:
@@ -348,19 +482,35 @@ def _with_observation(view: UserView, slate: PendingSlate) -> UserView:
 def _end_session(
     state: FoldState, ts: float, config: FoldConfig
 ) -> tuple[FoldState, list[Transition]]:
-    """Close the session: the last answered slate becomes a terminal transition."""
-    state, out = _release_ready(state, config)
+    """Close the session, emitting every transition its pending slates still can give:
+    each answered one in step order, the last pending one terminal; unanswered ones none."""
     pending = state.pending
-    if pending and pending[0].outcome_known:
-        before = _with_observation(state.frontier, pending[0])
-        after = _advance(before, pending[0], config)
-        out.append(_transition(state, pending[0], before, after, None, done=True))
+    frontier = state.frontier
+    out: list[Transition] = []
+    for i, slate in enumerate(pending):
+        if not slate.outcome_known:
+            continue  # nothing to learn from; the chain goes on from the view as last known
+        successor = pending[i + 1] if i + 1 < len(pending) else None
+        before = _with_observation(frontier, slate)
+        after = _advance(before, slate, config)
+        if successor is not None:
+            after = _with_observation(after, successor)
+        out.append(_transition(state, slate, before, after, successor, done=successor is None))
+        frontier = after
     past = [*state.past_sessions, state.session_id][-config.past_sessions :]
+    # A SessionEnd waiting for outcomes is applied now; the session's other buffered
+    # feedback stays, for ``take_rejected``: its slate never came.
+    buffered = state.early_feedback
+    if buffered:
+        session_id = state.session_id
+        buffered = [
+            f for f in buffered if not (isinstance(f, SessionEnd) and f.session_id == session_id)
+        ]
     ended = _replace(
         state,
+        early_feedback=buffered,
         pending=[],
-        # Feedback of later sessions stays buffered for them; this session's is moot now.
-        early_feedback=[f for f in state.early_feedback if f.session_id != state.session_id],
+        frontier=frontier,
         ended=True,
         done_requests=[],
         past_sessions=past,

@@ -36,10 +36,10 @@ def end(steps: int, sid: str = "s1", ts: float = 300.0) -> SessionEnd:
     return SessionEnd(event_id=f"{sid}-end", user_id=U, session_id=sid, steps=steps, ts=ts)
 
 
-def run(events: list[Record], state: SessionState | None = None):
+def run(events: list[Record], state: SessionState | None = None, config=fold.DEFAULT):
     out = []
     for event in events:
-        state, more = fold.apply(state, event)
+        state, more = fold.apply(state, event, config)
         out += more
     return state, out
 
@@ -173,18 +173,30 @@ def test_the_next_sessions_slate_waits_for_the_current_session_to_end():
     assert out == expected and [t.session_id for t in out] == ["s1", "s1", "s2"]
 
 
-def test_too_many_parked_slates_close_the_abandoned_session():
+def test_a_full_parking_refuses_the_next_slate_and_closes_nothing_early():
     config = fold.FoldConfig(parked_slates=2)
-    state = None
-    for event in [slate("r0", 0), *answer("r0", clicked=0, reward=1.0)]:
-        state, _ = fold.apply(state, event, config)
-    out = []
-    for step in range(3):
-        state, more = fold.apply(state, slate(f"q{step}", step, sid="s2"), config)
-        out += more
-    # s1 never ended: its answered slate becomes terminal, and s2 takes over.
-    assert [(t.request_id, t.done) for t in out] == [("r0", True)]
-    assert state.session_id == "s2" and [p.request_id for p in state.pending] == ["q0", "q1", "q2"]
+    state, _ = run([slate("r0", 0), *answer("r0", clicked=0, reward=1.0)], config=config)
+    state, out = run([slate(f"q{step}", step, sid="s2") for step in range(2)], state, config)
+    assert out == [] and len(state.parked) == 2
+    with pytest.raises(fold.BufferFull, match=r"SlateServed q2 .*parked_slates=2"):
+        fold.apply(state, slate("q2", 2, sid="s2"), config)
+    # s1 stays open (its end may still be on its way) and ends when the end comes.
+    state, out = run([end(1)], state, config)
+    assert [(t.session_id, t.request_id, t.done, t.reward) for t in out] == [
+        ("s1", "r0", True, 1.0)
+    ]
+    assert state.session_id == "s2" and [p.request_id for p in state.pending] == ["q0", "q1"]
+
+
+def test_a_full_early_buffer_refuses_the_next_record_and_keeps_the_state():
+    config = fold.FoldConfig(early_feedback=3)
+    *impressions, click = answer("r0", clicked=0, reward=1.0)
+    state, _ = run(impressions, config=config)
+    assert len(state.early_feedback) == 3
+    with pytest.raises(fold.BufferFull, match=r"Click r0-c: 3 feedback records .*=3\)"):
+        fold.apply(state, click, config)
+    # A redelivery of a buffered record is no new record: it is not refused.
+    assert fold.apply(state, state.early_feedback[0], config) == (state, [])
 
 
 def test_inactivity_expiry_emits_the_terminal_transition():
