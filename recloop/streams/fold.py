@@ -196,21 +196,29 @@ def _rejection(
     """Why buffered ``feedback`` can never be folded, or None while it may still be."""
     if isinstance(feedback, SessionEnd):
         return None  # applied when its session ends, whichever way it ends
-    session_id = feedback.session_id
+    session_id, request_id = feedback.session_id, feedback.request_id
     name = f"{type(feedback).__name__} {feedback.event_id}"
-    if session_id in state.past_sessions or (session_id == state.session_id and state.ended):
-        return f"{name}: session {session_id} ended before slate {feedback.request_id} arrived"
-    if session_id != state.session_id:
+    if session_id == state.session_id:
+        slate = pending.get(request_id)
+        if slate is not None:
+            try:
+                _check_matches(slate, feedback)
+            except InvalidEvent as exc:
+                return f"{exc} (it arrived before the slate)"
+            return None
+        if request_id in state.done_requests:
+            return (
+                f"{name}: item {feedback.item} at position {feedback.position} is not in "
+                f"slate {request_id} (it arrived before the slate)"
+            )
+        if state.ended:
+            return f"{name}: session {session_id} ended before slate {request_id} arrived"
         return None
-    slate = pending.get(feedback.request_id)
-    if slate is not None:
-        try:
-            _check_matches(slate, feedback)
-        except InvalidEvent as exc:
-            return f"{exc} (it arrived before the slate)"
-        return None
-    if feedback.request_id in state.done_requests:
-        return f"{name}: slate {feedback.request_id} was answered without it (it contradicts it)"
+    if session_id in state.past_sessions:
+        return (
+            f"{name}: session {session_id} ended without slate {request_id} taking it "
+            "(the slate never came, or contradicted it)"
+        )
     return None
 
 
@@ -498,21 +506,24 @@ def _end_session(
         out.append(_transition(state, slate, before, after, successor, done=successor is None))
         frontier = after
     past = [*state.past_sessions, state.session_id][-config.past_sessions :]
-    # A SessionEnd waiting for outcomes is applied now; the session's other buffered
-    # feedback stays, for ``take_rejected``: its slate never came.
-    buffered = state.early_feedback
+    # A SessionEnd waiting for outcomes is applied now. The session's other buffered
+    # feedback stays, for ``take_rejected``, and so do the slates that came, so that it can
+    # tell feedback that contradicted its slate from feedback whose slate never came.
+    buffered, done = state.early_feedback, []
     if buffered:
         session_id = state.session_id
         buffered = [
             f for f in buffered if not (isinstance(f, SessionEnd) and f.session_id == session_id)
         ]
+        if any(f.session_id == session_id for f in buffered):
+            done = [*state.done_requests, *(p.request_id for p in pending)]
     ended = _replace(
         state,
         early_feedback=buffered,
         pending=[],
         frontier=frontier,
         ended=True,
-        done_requests=[],
+        done_requests=done[-config.done_requests :],
         past_sessions=past,
         last_event_ts=max(ts, state.last_event_ts),
     )

@@ -211,6 +211,88 @@ def test_inactivity_expiry_emits_the_terminal_transition():
     assert run(answer("r0", clicked=0, reward=1.5), ended) == (ended, [])
 
 
+def test_expiry_chains_past_a_first_slate_that_was_never_answered():
+    r1, r2 = (20, 21, 22), (30, 31, 32)
+    state, out = run([
+        slate("r0", 0, ts=100.0), slate("r1", 1, items=r1, ts=101.0),
+        *answer("r1", items=r1, clicked=2, reward=3.0, ts=102.0),
+        slate("r2", 2, items=r2, ts=103.0), *answer("r2", items=r2, ts=104.0), end(3, ts=105.0),
+    ])  # fmt: skip
+    assert out == [] and not state.ended  # r0's outcome holds the chain and the end back
+    assert fold.unanswered(state) == 1
+    ended, out = fold.expire(state, now=105.0 + 60.0, timeout_s=60.0)
+    assert ended.ended and fold.unanswered(ended) == 0
+    assert [(t.request_id, t.done) for t in out] == [("r1", False), ("r2", True)]
+    t1, t2 = out
+    # r1 starts from the view as last known: nothing of r0, the observation r1 was served on.
+    assert t1.state == UserView(observation=[1.0])
+    assert (t1.chosen_item, t1.reward, t1.next_slate) == (22, 3.0, [30, 31, 32])
+    assert t1.next_state == UserView(
+        observation=[2.0], history=[22], history_rewards=[3.0], step=1, cumulative_reward=3.0
+    )
+    assert t2.state == t1.next_state and t2.next_state.step == 2 and t2.next_slate == []
+    assert ended.early_feedback == []  # the SessionEnd that waited was applied
+
+
+def test_expiry_skips_an_unanswered_slate_between_answered_ones():
+    state, out = run([
+        slate("r0", 0), *answer("r0", clicked=0, reward=1.0),
+        slate("r1", 1), slate("r2", 2, items=(30, 31, 32)),
+        *answer("r2", items=(30, 31, 32), clicked=1, reward=2.0),
+    ])  # fmt: skip
+    assert [t.request_id for t in out] == ["r0"]  # r1 was served next: r0's successor
+    assert out[0].next_state.observation == [1.0] and out[0].next_slate == [10, 11, 12]
+    assert fold.unanswered(state) == 1
+    _, out = fold.expire(state, now=1e9, timeout_s=60.0)
+    assert [(t.request_id, t.done, t.reward) for t in out] == [("r2", True, 2.0)]
+    assert out[0].state == UserView(
+        observation=[2.0], history=[10], history_rewards=[1.0], step=1, cumulative_reward=1.0
+    )
+
+
+def test_feedback_waiting_for_its_slate_keeps_its_session_alive():
+    state, _ = run(answer("r0", ts=500.0))
+    assert state.last_event_ts == 500.0
+    assert fold.expire(state, now=520.0, timeout_s=60.0) == (state, [])
+
+
+def test_buffered_feedback_that_contradicts_its_slate_is_handed_out_with_the_reason():
+    wrong = Click(event_id="bad", user_id=U, session_id="s1", request_id="r0", item=99,
+                  position=0, reward=1.0, ts=1.0)  # fmt: skip
+    state, out = run([*answer("r0", clicked=0, reward=1.0)[:3], wrong, slate("r0", 0)])
+    assert out == [] and state.early_feedback == [wrong]  # the right Click is still to come
+    waiting, _ = run(answer("r1"))
+    assert fold.take_rejected(waiting) == (waiting, [])  # still waiting for its slate
+    taken_state, taken = fold.take_rejected(state)
+    assert taken_state.early_feedback == [] and taken_state.pending == state.pending
+    [(feedback, reason)] = taken
+    assert feedback == wrong
+    assert reason == (
+        "Click bad: item 99 at position 0 is not in slate r0 [10, 11, 12] "
+        "(it arrived before the slate)"
+    )
+
+
+def test_feedback_whose_session_ended_without_its_slate_is_handed_out():
+    stray = answer("r9", ts=150.0)[0]
+    state, out = run([slate("r0", 0), *answer("r0", clicked=0, reward=1.0), stray, end(1)])
+    assert [t.request_id for t in out] == ["r0"] and state.ended
+    state, taken = fold.take_rejected(state)
+    assert taken == [(stray, "Impression r9-i0: session s1 ended before slate r9 arrived")]
+    assert state.early_feedback == []
+
+
+def test_feedback_of_a_session_that_was_followed_at_once_is_handed_out_too():
+    stray = answer("r9", ts=150.0)[0]
+    first = [slate("r0", 0), *answer("r0", clicked=0, reward=1.0), stray]
+    state, _ = run([*first, slate("q0", 0, sid="s2"), end(1)])  # s2 starts as s1 ends
+    assert state.session_id == "s2" and not state.ended
+    state, taken = fold.take_rejected(state)
+    assert taken == [(stray, "Impression r9-i0: session s1 ended without slate r9 taking it "
+                             "(the slate never came, or contradicted it)")]  # fmt: skip
+    assert state.early_feedback == [] and [p.request_id for p in state.pending] == ["q0"]
+
+
 def test_feedback_that_contradicts_its_slate_is_rejected_and_changes_nothing():
     state, _ = run([slate("r0", 0)])
     wrong_item = Click(event_id="x", user_id=U, session_id="s1", request_id="r0", item=99,
