@@ -6,8 +6,12 @@ same code. Per batch, each user's state is decoded once, folded through all of t
 records, and encoded once: that is what keeps the per-event work small.
 
 Records the fold cannot use come back as rejects for the dead-letter topic: bytes that do
-not decode, a key that is not the record's user (co-partitioning depends on it), or
-feedback that contradicts its slate.
+not decode, a key that is not the record's user (co-partitioning depends on it), feedback
+that contradicts its slate, and a record the fold's buffers have no room for. So does
+feedback the fold had buffered and can never use (``fold.take_rejected``: its slate came and
+contradicted it, or its session ended without it), taken from each touched user's state at
+the end of the batch; it may have come batches earlier, so its reject is re-encoded and
+carries offset -1.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class BatchFolder:
             feedback_topic: codec.decoder_for(Feedback),
         }
         self._decode_any = codec.decoder_for(_ANY_INPUT)
+        self.feedback_topic = feedback_topic
         self.config = config
 
     def decode(self, record: RawRecord) -> Record:
@@ -107,9 +112,21 @@ class BatchFolder:
                 transitions.extend((key, partition, t) for t in out)
         encode = codec.encode
         for key, state in current.items():
+            if state is not None and state.early_feedback:
+                current[key] = state = self._take_rejected(key, partitions[key], state, rejects)
             if state is not None and state is not loaded[key]:  # only changed states are written
                 result.states[key] = (partitions[key], encode(state), state)
         return result
+
+    def _take_rejected(
+        self, key: bytes, partition: int, state: FoldState, rejects: list[tuple[RawRecord, str]]
+    ) -> FoldState:
+        """``state`` without the buffered feedback it can never use, which joins ``rejects``."""
+        state, taken = fold.take_rejected(state)
+        for feedback, reason in taken:
+            raw = RawRecord(self.feedback_topic, partition, -1, key, codec.encode(feedback))
+            rejects.append((raw, reason))
+        return state
 
 
 def decode_state(raw: bytes) -> FoldState:
