@@ -25,6 +25,7 @@ app.add_typer(bench, name="bench")
 _COMMAND_MODULES = [
     "recloop.cli.kafka",
     "recloop.cli.demo",
+    "recloop.cli.chaos",
     "recloop.cli.learn",
     "recloop.cli.db",
     "recloop.cli.sim",
