@@ -48,7 +48,8 @@ def chaos(
     ),
     out: Path = typer.Option(Path("artifacts/chaos"), help="Work dir: broker, logs, snapshots."),
 ) -> None:
-    from recloop.ops.chaos import ChaosOptions, run_chaos, seconds_range
+    from recloop.ops.chaos import run_chaos
+    from recloop.ops.chaos_plan import ChaosOptions, seconds_range
 
     try:
         down = seconds_range(broker_down)

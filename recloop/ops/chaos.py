@@ -20,145 +20,31 @@ with the tail of each.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import random
-import re
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Message, TopicPartition
-
-from recloop.core import codec
-from recloop.core.dlq import parse_headers
-from recloop.core.events import Transition
 from recloop.core.settings import Settings
-from recloop.core.snapshot import SnapshotError, latest_snapshot, read_snapshot, snapshot_dir
+from recloop.core.snapshot import SnapshotError, latest_snapshot
 from recloop.kafka.admin import create_topics
-from recloop.kafka.clients import make_admin
-from recloop.kafka.lag import group_lag
 from recloop.ops.broker import LocalBroker
-from recloop.ops.chaos_evidence import Evidence, Exit, TopicRecord, Verdict, judge
-from recloop.ops.demo import DemoOptions
+from recloop.ops.chaos_evidence import Evidence, Exit, Verdict, judge
+from recloop.ops.chaos_fleet import TAIL_LINES, Fleet
+from recloop.ops.chaos_plan import BROKER, KINDS, ChaosOptions, Fault, plan_faults
+from recloop.ops.chaos_readback import (
+    behind,
+    committer,
+    log_ends,
+    newest_valid_manifest,
+    read_records,
+    transition_ids,
+)
 from recloop.storage.store import Storage
-
-KINDS = ("sim", "streams", "learn", "serve")
-BROKER = "broker"
-TAIL_LINES = 20
-
-
-@dataclass(frozen=True)
-class ChaosOptions:
-    """What a chaos run does and how long it may take."""
-
-    work_dir: Path = Path("artifacts/chaos")
-    seconds: float = 110.0
-    """How long faults go on, under traffic."""
-    kills: int = 5
-    """kill -9 of a process: every kind once, the rest of a kind drawn from the seed."""
-    broker_kills: int = 1
-    broker_down_s: tuple[float, float] = (10.0, 20.0)
-    """How long the broker stays dead, drawn from this range."""
-    restart_pause_s: tuple[float, float] = (1.0, 4.0)
-    """How long a killed process stays dead, drawn from this range."""
-    seed: int = 0
-    users: int = 16
-    rate: float = 25.0
-    """Requests per second from the sim: modest, so two cores keep up with the whole loop;
-    with ``users`` each user sends about as often as in the demo, so an outage leaves each
-    a backlog of a few dozen records."""
-    algo: str = "slateq"
-    learn_args: tuple[str, ...] = DemoOptions.extra_learn_args
-    preset: str = "interest_evolution"
-    learned_share: float = 0.5
-    snapshot_every: int = 200
-    snapshot_seconds: float = 3.0
-    warmup_timeout_s: float = 150.0
-    """Longest wait for the loop's first snapshot before any fault."""
-    drain_timeout_s: float = 150.0
-    """Longest wait, after the sim stopped, for the rest to finish what is on the topics."""
-    recovery_timeout_s: float = 90.0
-    """Longest wait, after a restart, for the loop to move again (a longer one fails)."""
-
-    def __post_init__(self) -> None:
-        if self.kills < len(KINDS):
-            raise ValueError(f"kills must be at least {len(KINDS)} (one of each kind: {KINDS})")
-        if self.broker_kills < 0 or self.seconds <= 0:
-            raise ValueError("broker_kills must be >= 0 and seconds > 0")
-
-    def budget_s(self) -> float:
-        """The longest a run may take: start-up, faults (broker outages may overrun their
-        slot), drain, stops and reading back, with a margin."""
-        faults = self.kills * (self.restart_pause_s[1] + self.recovery_timeout_s)
-        outages = self.broker_kills * (self.broker_down_s[1] + 60 + self.recovery_timeout_s)
-        start = 60 + self.warmup_timeout_s
-        return start + self.seconds + faults + outages + self.drain_timeout_s + 150
-
-
-def seconds_range(text: str) -> tuple[float, float]:
-    """``"10-20"`` -> ``(10.0, 20.0)``; ``"50"`` -> ``(50.0, 50.0)``."""
-    low, _, high = text.partition("-")
-    return float(low), float(high or low)
-
-
-ENV_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "RECLOOP_CHAOS_SECONDS": ("seconds", float),
-    "RECLOOP_CHAOS_KILLS": ("kills", int),
-    "RECLOOP_CHAOS_BROKER_KILLS": ("broker_kills", int),
-    "RECLOOP_CHAOS_SEED": ("seed", int),
-    "RECLOOP_CHAOS_RATE": ("rate", float),
-    "RECLOOP_CHAOS_BROKER_DOWN_S": ("broker_down_s", seconds_range),
-}
-"""The environment variables a longer run sets (the suite's run takes the defaults)."""
-
-
-def options_from_env(env: Mapping[str, str], work_dir: Path) -> ChaosOptions:
-    """``ChaosOptions`` with what ``ENV_OPTIONS`` names in ``env``; a bad value raises a
-    ``ValueError`` that names its variable."""
-    given: dict[str, Any] = {}
-    for var, (name, kind) in ENV_OPTIONS.items():
-        if env.get(var, "").strip():
-            try:
-                given[name] = kind(env[var])
-            except ValueError:
-                what = "seconds (N or LOW-HIGH)" if kind is seconds_range else kind.__name__
-                raise ValueError(f"{var}={env[var]!r} is not {what}") from None
-    try:
-        return ChaosOptions(work_dir=work_dir, **given)
-    except ValueError as exc:
-        raise ValueError(f"{exc} (from {', '.join(v for v in ENV_OPTIONS if v in env)})") from None
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One planned fault: ``target`` (a kind or the broker) dies at ``at_s`` for ``down_s``."""
-
-    at_s: float
-    target: str
-    down_s: float
-
-
-def plan_faults(options: ChaosOptions) -> list[Fault]:
-    """The faults of a run, in time order, drawn from ``options.seed`` alone."""
-    rng = random.Random(options.seed)
-    extra = rng.choices(KINDS, k=options.kills - len(KINDS))
-    targets = [*KINDS, *extra, *[BROKER] * options.broker_kills]
-    rng.shuffle(targets)
-    slot = options.seconds / len(targets)
-    faults = []
-    for i, target in enumerate(targets):
-        low, high = options.broker_down_s if target == BROKER else options.restart_pause_s
-        at = slot * (i + rng.uniform(0.1, 0.6))
-        faults.append(Fault(round(at, 1), target, round(rng.uniform(low, high), 1)))
-    return faults
 
 
 @dataclass
@@ -233,7 +119,7 @@ class _Run:
         self.recoveries: dict[str, list[float]] = {}
         self.problems: list[str] = []
         self.settings: Settings | None = None
-        self.fleet: _Fleet | None = None
+        self.fleet: Fleet | None = None
         self._serve_group: str | None = None
 
     def say(self, text: str) -> None:
@@ -279,7 +165,7 @@ class _Run:
                       "--preset", o.preset],
             "sim": ["sim", "--preset", o.preset, "--users", str(o.users), "--rate", str(o.rate)],
         }  # fmt: skip
-        self.fleet = _Fleet(work / "logs", env, commands, self.t0)
+        self.fleet = Fleet(work / "logs", env, commands, self.t0)
         for kind in ("streams", "learn", "serve", "sim"):
             self.fleet.start(kind)
         self.say("started " + ", ".join(f"{k} (pid {self.fleet.pid(k)})" for k in KINDS))
@@ -354,7 +240,7 @@ class _Run:
         version: all four move only when every process does its part."""
         settings = self._settings()
         topics = settings.topics
-        ends = [sum(_log_ends(settings, t).values())
+        ends = [sum(log_ends(settings, t).values())
                 for t in (topics.requests, topics.slates, topics.transitions)]  # fmt: skip
         return ends[0], ends[1], ends[2], int((self._manifest() or {}).get("version", 0))
 
@@ -410,13 +296,13 @@ class _Run:
         """Whether serving, the streams worker and the learner have finished the topics."""
         settings = self._settings()
         topics = settings.topics
-        serve_group = self._serve_group or self._committer(topics.requests)
+        serve_group = self._serve_group or committer(settings, topics.requests)
         self._serve_group = serve_group
-        serve_behind = _behind(settings, serve_group, [topics.requests])
-        streams_behind = _behind(settings, f"{settings.topic_prefix}recloop-streams",
+        serve_behind = behind(settings, serve_group, [topics.requests])
+        streams_behind = behind(settings, f"{settings.topic_prefix}recloop-streams",
                                  [topics.slates, topics.feedback])  # fmt: skip
         manifest = self._manifest()
-        ends = _log_ends(settings, topics.transitions)
+        ends = log_ends(settings, topics.transitions)
         covered = (manifest or {}).get("consumed_offsets", {}).get(topics.transitions, {})
         learner_behind = sum(max(0, end - int(covered.get(str(p), 0))) for p, end in ends.items())
         status = (
@@ -436,16 +322,6 @@ class _Run:
         """No snapshot for twice the learner's schedule: it has nothing new to apply (or is
         stuck, which the final check then shows)."""
         return time.time() - float(manifest["created_ts"]) > 2 * self.options.snapshot_seconds + 3
-
-    def _committer(self, topic: str) -> str | None:
-        """The group that commits on ``topic`` (serving's request group, whatever its name)."""
-        admin = make_admin(self._settings())
-        for listing in admin.list_consumer_groups(request_timeout=10).result().valid:
-            request = [ConsumerGroupTopicPartitions(listing.group_id)]
-            offsets = next(iter(admin.list_consumer_group_offsets(request).values())).result()
-            if any(tp.topic == topic for tp in offsets.topic_partitions or []):
-                return str(listing.group_id)
-        return None
 
     def evidence(self) -> Evidence:
         settings = self._settings()
@@ -480,7 +356,7 @@ class _Run:
             self.fleet.stop_all()
         self.broker.stop()
 
-    def _fleet(self) -> _Fleet:
+    def _fleet(self) -> Fleet:
         assert self.fleet is not None, "the run has not started"
         return self.fleet
 
@@ -489,186 +365,5 @@ class _Run:
         return self.settings
 
 
-class _Fleet:
-    """The children of a run, one per kind, each with a log file that survives restarts."""
-
-    def __init__(self, log_dir: Path, env: dict[str, str], commands: dict[str, list[str]],
-                 t0: float) -> None:  # fmt: skip
-        self.log_dir, self.env, self.commands, self.t0 = log_dir, env, commands, t0
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.starts: Counter[str] = Counter()
-
-    def log(self, kind: str) -> Path:
-        return self.log_dir / f"{kind}.log"
-
-    def pid(self, kind: str) -> int:
-        return self.procs[kind].pid
-
-    def start(self, kind: str) -> None:
-        self.starts[kind] += 1
-        with self.log(kind).open("ab") as log:
-            log.write(f"=== chaos: start #{self.starts[kind]} of {kind} at "
-                      f"{time.monotonic() - self.t0:.1f} s ===\n".encode())  # fmt: skip
-            log.flush()
-            self.procs[kind] = subprocess.Popen(
-                [sys.executable, "-m", "recloop", *self.commands[kind]],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent,
-            )  # fmt: skip
-
-    def kill(self, kind: str) -> int:
-        """kill -9 the child of ``kind`` (by its pid) and reap it."""
-        proc = self.procs.pop(kind)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        return proc.pid
-
-    def stop(self, kind: str, timeout: float = 30.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout``; the exit code (None if not running)."""
-        proc = self.procs.pop(kind, None)
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-            return proc.returncode
-
-    def exited(self) -> list[tuple[str, int | None]]:
-        """Children that exited although nobody stopped them (forgotten once reported)."""
-        gone = [(kind, p.returncode) for kind, p in self.procs.items() if p.poll() is not None]
-        for kind, _ in gone:
-            del self.procs[kind]
-        return gone
-
-    def stop_all(self) -> None:
-        for kind in list(self.procs):
-            self.stop(kind, timeout=20.0)
-
-    def tail(self, kind: str, lines: int = TAIL_LINES) -> str:
-        """The exceptions each start of ``kind`` ended with, then the log's last ``lines``
-        without librdkafka's connection chatter (``%3|...`` lines, thousands per outage)."""
-        path = self.log(kind)
-        if not path.exists():
-            return f"(no log at {path})"
-        text = [line for line in path.read_text(errors="replace").splitlines()
-                if not _LIBRDKAFKA_LOG.match(line)]  # fmt: skip
-        errors, start = [], "?"
-        for line in text:
-            if line.startswith("=== chaos: start"):
-                start = line.strip("= ")
-            elif _EXCEPTION.match(line):
-                errors.append(f"  {start}: {line.strip()}")
-        head = ["exceptions:", *errors[-10:]] if errors else []
-        return "\n".join([*head, *text[-lines:]])
-
-
-_LIBRDKAFKA_LOG = re.compile(r"^%\d\|")
-_EXCEPTION = re.compile(r"^[A-Za-z_.]*(Error|Exception|Exit)\b.*:")
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: Linux SIGTERMs it if this process dies
-    # (pytest killed by a CI timeout, say), so no child of a run outlives it.
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _tails_text(tails: dict[str, str]) -> str:
     return "\n".join(f"--- {name}\n{tail}" for name, tail in tails.items())
-
-
-# -- reading the topics back -------------------------------------------------------------------
-
-
-def read_records(settings: Settings, topic: str, timeout_s: float = 120.0) -> list[TopicRecord]:
-    """Every record of ``topic`` from each partition's start to its high watermark, raw
-    (value bytes and headers): dead letters are read for their headers, and a record that
-    does not decode is evidence too. Joins no group and commits nothing."""
-    consumer = Consumer({**settings.kafka_client_config(), "group.id": "recloop-chaos-reader",
-                         "enable.auto.commit": False})  # fmt: skip
-    out: list[TopicRecord] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
-        for p in sorted(metadata.partitions):
-            tp = TopicPartition(topic, p)
-            low, high = consumer.get_watermark_offsets(tp, timeout=10)
-            if high <= low:
-                continue
-            consumer.assign([TopicPartition(topic, p, low)])
-            while consumer.position([tp])[0].offset < high:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"reading {topic}[{p}] up to offset {high} timed out")
-                for msg in consumer.consume(1000, timeout=1.0):
-                    offset = msg.offset()
-                    if msg.error() is None and offset is not None and offset < high:
-                        out.append(TopicRecord(p, offset, msg.value(), _headers(msg)))
-            consumer.unassign()
-    finally:
-        consumer.close()
-    return out
-
-
-def _headers(msg: Message) -> dict[str, str]:
-    raw = msg.headers() or []
-    pairs = list(raw.items()) if isinstance(raw, dict) else raw
-    return parse_headers([(k, v.encode() if isinstance(v, str) else (v or b"")) for k, v in pairs])
-
-
-def transition_ids(settings: Settings) -> set[str]:
-    """The distinct transition ids on ``rec.transitions`` (records that decode)."""
-    decode = codec.decoder_for(Transition)
-    ids = set()
-    for r in read_records(settings, settings.topics.transitions):
-        try:
-            ids.add(decode(r.value).transition_id)
-        except codec.RecordDecodeError:
-            continue
-    return ids
-
-
-def _log_ends(settings: Settings, topic: str) -> dict[int, int]:
-    consumer = Consumer({**settings.kafka_client_config(), "group.id": "recloop-chaos-reader"})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in partitions}  # fmt: skip
-    finally:
-        consumer.close()
-
-
-def _behind(settings: Settings, group: str | None, topics: list[str]) -> int | str:
-    """Records ``group`` has not committed past on ``topics`` ("no group" before it has one)."""
-    if group is None:
-        return "no group committed"
-    return sum(lag.lag for lag in group_lag(settings, group, topics, with_seconds=False))
-
-
-def newest_valid_manifest(
-    settings: Settings, policy: str
-) -> tuple[dict[str, Any] | None, list[str]]:
-    """The manifest of the newest snapshot of ``policy`` whose files verify (against the hashes
-    storage recorded for its version, where it did), and why newer ones were skipped."""
-    root = settings.resolved_snapshot_dir
-    with Storage.from_settings(settings) as storage:
-        recorded = {int(s["version"]): s for s in storage.list_snapshots(policy)}
-    try:
-        newest = latest_snapshot(root, policy)
-    except SnapshotError:
-        newest = None  # a damaged newest manifest; storage's versions are tried below
-    versions = sorted({*recorded, *([newest.version] if newest else [])}, reverse=True)
-    skipped = []
-    for version in versions:
-        row = recorded.get(version, {})
-        try:
-            _, manifest = read_snapshot(snapshot_dir(root, policy, version),
-                                        row.get("weights_sha256"), row.get("manifest_sha256"))  # fmt: skip
-        except SnapshotError as exc:
-            skipped.append(f"v{version}: {exc}")
-            continue
-        return manifest, skipped
-    return None, skipped

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from recloop.ops.chaos import options_from_env, run_chaos
+from recloop.ops.chaos import run_chaos
+from recloop.ops.chaos_plan import options_from_env
 
 pytestmark = pytest.mark.integration
 

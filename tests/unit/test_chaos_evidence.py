@@ -10,8 +10,8 @@ from recloop.core import codec, dlq
 from recloop.core.events import RecRequest, SessionEnd, SlateServed
 from recloop.core.topics import Topics
 from recloop.learner.publishing import id_digest
-from recloop.ops.chaos import KINDS, ChaosOptions, options_from_env, plan_faults
 from recloop.ops.chaos_evidence import Evidence, Exit, TopicRecord, judge, replay
+from recloop.ops.chaos_plan import KINDS, ChaosOptions, options_from_env, plan_faults
 from recloop.streams import fold
 from recloop.streams.synthetic import slate_feedback
 
