@@ -27,6 +27,7 @@ without is a failure of its own.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
@@ -261,9 +262,9 @@ def _check_versions(
         learned += 1
         top, top_offset = newest.get(partition, (0, -1))
         if slate.policy_version < top:
-            backwards.append(
-                f"[{partition}]@{offset} v{slate.policy_version} after v{top}@{top_offset}"
-            )
+            served = time.strftime("%H:%M:%S", time.gmtime(slate.ts))
+            backwards.append(f"[{partition}]@{offset} v{slate.policy_version} at {served} UTC "
+                             f"after v{top}@{top_offset}")  # fmt: skip
         else:
             newest[partition] = (slate.policy_version, offset)
     if backwards:

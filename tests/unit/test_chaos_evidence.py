@@ -144,7 +144,7 @@ def test_an_unanswered_request_fails_unless_serving_dead_lettered_it():
 def test_a_version_served_after_a_newer_one_on_its_partition_fails():
     verdict = judge(_evidence(_world(versions=(1, 3, 0))))
     assert verdict.counts["backwards"] == 2  # once per user, both on partition 0
-    assert any("v0 after v3" in f for f in verdict.failures)
+    assert any("v0 at 00:01:42 UTC after v3" in f for f in verdict.failures)
 
 
 def test_feedback_the_streams_worker_dead_lettered_is_left_out_of_the_replay():
