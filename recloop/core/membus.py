@@ -62,7 +62,7 @@ class MemoryBus:
                               self.published))  # fmt: skip
         self.published += 1
 
-    def flush(self, timeout: float = 30.0) -> None:
+    def flush(self, timeout: float | None = None) -> None:
         if self._fail is not None:
             reason, self._fail = self._fail, None
             raise DeliveryFailed(reason)
@@ -140,6 +140,11 @@ class MemoryConsumer:
 
     def assigned(self) -> bool:
         return not self.closed
+
+    def caught_up(self) -> bool:
+        return not self.closed and all(
+            position >= self._bus.end(topic, p) for (topic, p), position in self._positions.items()
+        )
 
     def close(self) -> None:
         self.closed = True

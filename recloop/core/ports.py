@@ -98,6 +98,10 @@ class BusConsumer(Protocol):
         """Whether the group has given this member its partitions yet."""
         ...
 
+    def caught_up(self) -> bool:
+        """Whether this member has partitions and has read each to its end as of now."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -106,8 +110,9 @@ class Bus(Protocol):
     """Where the services meet: topics of ``recloop.core.topics`` partitioned by key.
 
     ``publish`` may queue; ``flush`` returns only once every record published so far is
-    acknowledged, and raises if one was not. A consumer's group starts at its committed
-    offsets, else at the start of each partition, or at the current end with ``from_end``;
+    acknowledged, and raises if one was not (without a ``timeout`` it waits as long as the
+    bus keeps retrying, so a broker outage of minutes is waited out). A consumer's group
+    starts at its committed offsets, else at the start of each partition, or at the current end with ``from_end``;
     ``start_at(topic, partition)`` may override the start per partition (the learner
     resumes where its snapshot stopped).
     """
@@ -120,7 +125,7 @@ class Bus(Protocol):
         headers: Sequence[tuple[str, bytes]] = (),
     ) -> None: ...
 
-    def flush(self, timeout: float = 30.0) -> None: ...
+    def flush(self, timeout: float | None = None) -> None: ...
 
     def serve(self) -> None:
         """Hand queued records on and serve delivery reports, without blocking."""

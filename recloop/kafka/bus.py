@@ -4,7 +4,8 @@
   at the next ``serve``/``flush``); with headers (dead letters) it produces at once, through
   the one produce-retry loop ``clients.produce_retrying``;
 - ``flush`` sends the outbox, waits for every delivery report and raises ``DeliveryError``
-  if anything was not acknowledged;
+  if anything was not acknowledged; without a timeout it waits out a broker outage
+  (``clients.wait_for_deliveries``), saying so in the log and in a metric;
 - ``subscribe`` makes a manual-commit consumer; ``from_end`` first commits the group at the
   high watermark of every partition (``commit_group_at_end``), ``start_at`` seeks each
   assigned partition where the caller says.
@@ -22,10 +23,10 @@ from recloop.core.ports import BusMessage, Positions
 from recloop.core.settings import Settings
 from recloop.kafka.clients import (
     DeliveryTracker,
-    flush_or_raise,
     make_consumer,
     make_producer,
     produce_retrying,
+    wait_for_deliveries,
 )
 from recloop.kafka.outbox import Outbox
 
@@ -41,6 +42,7 @@ class KafkaBus:
         process: str = "recloop",
     ) -> None:
         self.settings = settings
+        self.process = process
         self.producer = producer or make_producer(settings, producer_tuning)
         self.deliveries = DeliveryTracker()
         self.outbox = Outbox(self.producer, self.deliveries, process)
@@ -62,9 +64,9 @@ class KafkaBus:
         self.producer.poll(0)
         self.deliveries.raise_if_failed()
 
-    def flush(self, timeout: float = 30.0) -> None:
+    def flush(self, timeout: float | None = None) -> None:
         self.outbox.send()
-        flush_or_raise(self.producer, self.deliveries, timeout)
+        wait_for_deliveries(self.producer, self.deliveries, self.process, timeout)
 
     def subscribe(
         self,
@@ -139,6 +141,18 @@ class KafkaConsumer:
 
     def assigned(self) -> bool:
         return bool(self.consumer.assignment())
+
+    def caught_up(self) -> bool:
+        """Every assigned partition read to the high watermark the broker reports now."""
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return False
+        for tp in self.consumer.position(assignment):
+            low, high = self.consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+            # No position yet (nothing fetched) is behind unless the partition is empty.
+            if (tp.offset < 0 and high > low) or (tp.offset >= 0 and tp.offset < high):
+                return False
+        return True
 
     def close(self) -> None:
         self.consumer.close()

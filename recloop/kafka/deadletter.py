@@ -153,11 +153,12 @@ class Reader:
         for tp in partitions:
             self._positions.pop(tp, None)
 
-    def commit(self, flush_timeout: float = 30.0) -> Positions:
+    def commit(self, flush_timeout: float | None = None) -> Positions:
         """Commit past everything returned or dead-lettered; returns the committed positions.
 
         Dead letters are flushed and confirmed first: committing past a record whose dead
-        letter was lost would lose it.
+        letter was lost would lose it. A commit that fails (the broker is away, a rebalance)
+        keeps its positions for the next one, so a partition read once is still committed.
         """
         if self._dlq_pending:
             self.bus.flush(flush_timeout)
@@ -165,7 +166,12 @@ class Reader:
         if not self._positions:
             return {}
         positions, self._positions = self._positions, {}
-        self.consumer.commit(positions)
+        try:
+            self.consumer.commit(positions)
+        except Exception:
+            # Newer positions read meanwhile win; the rest are tried again next time.
+            self._positions = {**positions, **self._positions}
+            raise
         return positions
 
     def close(self) -> None:

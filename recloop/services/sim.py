@@ -15,11 +15,15 @@ Failure handling:
 - a request without a slate within ``slate_timeout_s`` is counted and sent again with the
   same request id (so a late first answer still counts); no slate is ever made up;
 - slates for requests nobody here is waiting on (another run, a late duplicate) are counted
-  and ignored.
+  and ignored;
+- a broker outage is waited out: deliveries wait in librdkafka's queue
+  (``kafka.clients``), and a commit that fails for a transient reason is counted and
+  retried at the next one.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections import deque
@@ -33,13 +37,15 @@ from recloop.core import codec
 from recloop.core.events import Click, Record, SlateAnswer
 from recloop.core.ports import Bus
 from recloop.core.settings import Settings
-from recloop.kafka.deadletter import Consumed, Reader
+from recloop.kafka.deadletter import Consumed, Reader, fatal
 from recloop.producer_sim.cohort import Cohort, InvalidSlate
 from recloop.producer_sim.presets import make_world
 from recloop.producer_sim.world import World
 from recloop.services.sim_settings import SimConfig, SimStats
 
 __all__ = ["CONSUMER_NAME", "PRODUCER_TUNING", "SimConfig", "SimService", "SimStats"]
+
+log = logging.getLogger(__name__)
 
 CONSUMER_NAME = "producer_sim"
 
@@ -72,7 +78,7 @@ class SimService:
         # A fresh group per run that starts at the current end of rec.slates: it reads every
         # answer to this run's requests and none of the backlog of earlier runs.
         self._reader: Reader | None = Reader(
-            bus, self.topics, ["rec.slates"], f"recloop-sim-{run_tag}", CONSUMER_NAME,
+            bus, self.topics, ["rec.slates"], self.topics.group(f"recloop-sim-{run_tag}"), CONSUMER_NAME,
             # Only what the user acts on: the echoed candidate features are for learning.
             value_types={self.topics.slates: SlateAnswer}, from_end=True,
             tuning={"fetch.wait.max.ms": 10},
@@ -111,7 +117,7 @@ class SimService:
         self._resend_overdue(now)
         self.bus.serve()
         if now - self._last_commit > 1.0:
-            self._reader.commit()
+            self._commit()
             self._last_commit = now
         return not self.done()
 
@@ -137,6 +143,19 @@ class SimService:
         if on_progress:
             on_progress(self.stats)
         return self.stats
+
+    def _commit(self) -> None:
+        """Commit the slates read; a transient failure (the broker or its coordinator away)
+        is counted and retried at the next commit: the positions are kept (``Reader``)."""
+        assert self._reader is not None
+        try:
+            self._reader.commit()
+        except Exception as exc:
+            if fatal(exc):
+                raise
+            self.stats.commit_errors += 1
+            self.stats.last_error = str(exc)
+            log.warning("sim: commit failed, retrying at the next one: %s", exc)
 
     def close(self) -> None:
         """Flush what was published and commit; safe to call twice."""

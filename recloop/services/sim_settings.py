@@ -53,6 +53,9 @@ class SimStats:
     outcomes: int = 0
     clicks: int = 0
     sessions_started: int = 0
+    commit_errors: int = 0
+    """Commits that failed for a transient reason (retried at the next one)."""
+    last_error: str = ""
     recent_returns: deque = field(default_factory=lambda: deque(maxlen=200))
     returns_by_policy: dict[str, list[float]] = field(default_factory=dict)
     kept_outcomes: list[EpisodeOutcome] = field(default_factory=list)
