@@ -9,8 +9,10 @@ crash answers a request twice, never zero times. Requests that decode but cannot
 answered (k above the candidates, duplicate candidates, ...) are dead-lettered by the
 ``Reader``, re-encoded, with the same headers.
 
-``run()`` (the process on Kafka) runs the same rounds without their side duties, which get
-a thread each so none waits for another: the side loop reads the whole ``session.state``
+``run()`` (the process on Kafka) first warms up (``warm_up``: the announced snapshots are
+installed before the first request is read, so a restart never serves an older version),
+then runs the same rounds without their side duties, which get a thread each so none waits
+for another: the side loop reads the whole ``session.state``
 changelog and ``policy.snapshots`` (a group of its own, from the beginning, never
 committing: every replica needs all of both); the installer loop verifies, loads and
 indexes announced snapshots off the request path, so a swap never stalls a request, and
@@ -113,16 +115,21 @@ class ServeService:
         return len(batch)
 
     @property
+    def group_id(self) -> str:
+        """The request loop's consumer group, under the deployment's prefix."""
+        return self.topics.group(self.options.group_id)
+
+    @property
     def requests(self) -> Reader:
         if self._requests is None:
             self._requests = Reader(self.bus, self.topics, ["rec.requests"],
-                                    self.options.group_id, self.options.name)  # fmt: skip
+                                    self.group_id, self.options.name)  # fmt: skip
         return self._requests
 
     def poll_side(self, timeout: float) -> None:
         """Read session states into the cache and announcements into the pending set."""
         if self._side is None:
-            group = f"{self.options.group_id}-side-{uuid.uuid4().hex[:12]}"
+            group = f"{self.group_id}-side-{uuid.uuid4().hex[:12]}"
             self._side = Reader(self.bus, self.topics, ["session.state", "policy.snapshots"],
                                 group, f"{self.options.name}-side")  # fmt: skip
         for item in self._side.poll_batch(1000, timeout=timeout):
@@ -135,6 +142,26 @@ class ServeService:
     def install_pending(self) -> None:
         """Install every pending announcement (newest per policy), in this thread."""
         self.installs.install_pending()
+
+    def warm_up(self, timeout_s: float) -> bool:
+        """Before the first request: read ``policy.snapshots`` and ``session.state`` to their
+        ends and install the newest snapshots, so a restarted server answers with the
+        versions it served before, never with the fallback of a cold start (served versions
+        never go backwards). Bounded by ``timeout_s``; returns whether it caught up."""
+        deadline = time.monotonic() + timeout_s
+        self.poll_side(timeout=0.0)
+        assert self._side is not None
+        caught_up = False
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self.poll_side(timeout=0.1)
+            if self._side.consumer.caught_up():
+                caught_up = True
+                break
+        if not caught_up:
+            log.warning("serve: not caught up with %s within %.0f s; serving anyway",
+                        self.topics.snapshots, timeout_s)  # fmt: skip
+        self.install_pending()
+        return caught_up
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -153,6 +180,7 @@ class ServeService:
         side = threading.Thread(target=self._side_loop, name="serve-side", daemon=True)
         installer = threading.Thread(target=self.installs.run_until, args=(self._stop,),
                                      name="serve-install", daemon=True)  # fmt: skip
+        self.warm_up(self.options.warm_up_s)
         requests = self.requests
         side.start()
         installer.start()

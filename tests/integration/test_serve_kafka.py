@@ -344,3 +344,26 @@ def snapshot_replay(root: Path, version: int) -> PolicyPublished:
         weights_sha256=ref.weights_sha256, manifest_sha256=ref.manifest_sha256,
         created_ts=ref.created_ts,
     )  # fmt: skip
+
+
+def test_a_restarted_server_answers_with_the_announced_version_from_its_first_request(
+    kafka_settings: Settings, tmp_path: Path
+):
+    """A server (re)started with snapshots already announced and requests already waiting
+    installs the newest snapshot before it reads a request: no slate of the learned arm
+    goes out at the cold-start fallback's version 0, so served versions never go backwards
+    across a restart."""
+    client = Client(kafka_settings)
+    try:
+        for version in (1, 2, 3):
+            client.announce(snapshot(tmp_path, version, scores_of(version)))
+        for i in range(20):
+            client.send_request(request(i))
+        client.flush()
+        with running_service(kafka_settings, _config()):
+            slates = client.read_slates(20)
+        assert len(slates) == 20
+        assert {s.policy_version for s in slates} == {3}, [s.policy_version for s in slates]
+        assert all(s.items == top_items_of(3) for s in slates)
+    finally:
+        client.close()
