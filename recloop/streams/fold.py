@@ -52,6 +52,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter
+from typing import Any
 
 import msgspec
 
@@ -110,6 +113,7 @@ DEFAULT = FoldConfig()
 _FOLDED = (SlateServed, Impression, Click, SessionEnd)
 
 _replace = msgspec.structs.replace
+_session_of = attrgetter("session_id")
 
 
 def transition_id(user_id: str, session_id: str, request_id: str) -> str:
@@ -174,9 +178,19 @@ def take_rejected(state: SessionState) -> tuple[FoldState, list[tuple[Feedback, 
     That is feedback whose slate came and contradicted it, or whose session ended without
     its slate; the caller dead-letters it. A state with nothing to take comes back as is.
     """
-    if not state.early_feedback:
+    buffered = state.early_feedback
+    if not buffered:
         return state, []
-    pending = {p.request_id: p for p in state.pending}
+    pending = {p.request_id for p in state.pending}
+    # The common case, told in C: all of it still waits for slates of an open session.
+    if not state.ended:
+        requests = set(map(getattr, buffered, repeat("request_id"), repeat(None)))
+        if (
+            requests.isdisjoint(pending)
+            and requests.isdisjoint(state.done_requests)
+            and set(map(_session_of, buffered)).isdisjoint(state.past_sessions)
+        ):
+            return state, []
     keep: list[Feedback] = []
     taken: list[tuple[Feedback, str]] = []
     for feedback in state.early_feedback:
@@ -190,34 +204,24 @@ def take_rejected(state: SessionState) -> tuple[FoldState, list[tuple[Feedback, 
     return _replace(state, early_feedback=keep), taken
 
 
-def _rejection(
-    state: FoldState, feedback: Feedback, pending: dict[str, PendingSlate]
-) -> str | None:
+def _rejection(state: FoldState, feedback: Feedback, pending: set[str]) -> str | None:
     """Why buffered ``feedback`` can never be folded, or None while it may still be."""
     if isinstance(feedback, SessionEnd):
         return None  # applied when its session ends, whichever way it ends
     session_id, request_id = feedback.session_id, feedback.request_id
-    name = f"{type(feedback).__name__} {feedback.event_id}"
     if session_id == state.session_id:
-        slate = pending.get(request_id)
-        if slate is not None:
-            try:
-                _check_matches(slate, feedback)
-            except InvalidEvent as exc:
-                return f"{exc} (it arrived before the slate)"
-            return None
-        if request_id in state.done_requests:
-            return (
-                f"{name}: item {feedback.item} at position {feedback.position} is not in "
-                f"slate {request_id} (it arrived before the slate)"
-            )
+        if request_id in pending or request_id in state.done_requests:
+            # Its slate came, and what matched the slate was applied then (``_replay``).
+            return f"{_not_in_slate(feedback)} (it arrived before the slate)"
         if state.ended:
-            return f"{name}: session {session_id} ended before slate {request_id} arrived"
+            return (
+                f"{_name(feedback)}: session {session_id} ended before slate {request_id} arrived"
+            )
         return None
     if session_id in state.past_sessions:
         return (
-            f"{name}: session {session_id} ended without slate {request_id} taking it "
-            "(the slate never came, or contradicted it)"
+            f"{_name(feedback)}: session {session_id} ended without slate {request_id} taking "
+            "it (the slate never came, or contradicted it)"
         )
     return None
 
@@ -275,7 +279,7 @@ def _buffer(state: FoldState, event: Feedback, config: FoldConfig) -> FoldState:
         return state
     if len(buffered) >= config.early_feedback:
         raise BufferFull(
-            f"{type(event).__name__} {event.event_id}: {len(buffered)} feedback records "
+            f"{_name(event)}: {len(buffered)} feedback records "
             f"already wait for their slates for user {state.user_id} "
             f"(early_feedback={config.early_feedback})"
         )
@@ -322,39 +326,56 @@ def _apply_slate(
     state, out = _release_ready(state, config)
     if not state.early_feedback:
         return state, out
-    state, more = _replay(state, request_id, config)
+    state, more = _replay(state, pending, config)
     return state, out + more
 
 
 def _replay(
-    state: FoldState, request_id: str, config: FoldConfig
+    state: FoldState, slate: PendingSlate, config: FoldConfig
 ) -> tuple[FoldState, list[Transition]]:
-    """Apply the buffered feedback of the slate that just arrived (and a SessionEnd waiting
-    for the session to start); what contradicts the slate stays buffered for
-    ``take_rejected``: only now could it be checked, and applying it would corrupt the
-    outcome."""
-    session_id = state.session_id
-    waiting: list[Feedback] = []
+    """Apply the buffered feedback of ``slate``, which just arrived. What contradicts it stays
+    buffered for ``take_rejected`` (only now could it be checked, and applying it would
+    corrupt the outcome). A buffered SessionEnd waits for outcomes, not for a slate."""
+    session_id, request_id = state.session_id, slate.request_id
+    buffered = state.early_feedback
+    # The buffer may hold a whole session's feedback: look it through in C, not per record.
+    requests = list(map(getattr, buffered, repeat("request_id"), repeat(None)))
+    if request_id not in requests:
+        return state, []
+    waiting: list[Impression | Click] = []
     rest: list[Feedback] = []
-    for feedback in state.early_feedback:
-        if feedback.session_id != session_id:
-            rest.append(feedback)
-        elif isinstance(feedback, SessionEnd) or feedback.request_id == request_id:
+    start = 0
+    for i in _indices(requests, request_id):
+        feedback = buffered[i]
+        if not isinstance(feedback, SessionEnd) and feedback.session_id == session_id:
+            rest += buffered[start:i]
             waiting.append(feedback)
-        else:
-            rest.append(feedback)
+            start = i + 1
     if not waiting:
         return state, []
+    rest += buffered[start:]
+    rest += [f for f in waiting if not _matches(slate, f)]
     state = _replace(state, early_feedback=rest)
     out: list[Transition] = []
     for feedback in waiting:
-        try:
+        if state.ended or state.session_id != session_id:
+            break  # what is left repeats what the session already had when it ended
+        if _matches(slate, feedback):
             state, more = _apply_feedback(state, feedback, config)
-        except InvalidEvent:
-            state = _replace(state, early_feedback=[*state.early_feedback, feedback])
-            continue
-        out += more
+            out += more
     return state, out
+
+
+def _indices(values: list[Any], value: object) -> list[int]:
+    """Where ``value`` is in ``values``, found in C."""
+    found: list[int] = []
+    i = -1
+    while True:
+        try:
+            i = values.index(value, i + 1)
+        except ValueError:
+            return found
+        found.append(i)
 
 
 def _apply_feedback(
@@ -415,21 +436,37 @@ def _apply_feedback(
 
 def _end_if_counted(state: FoldState, config: FoldConfig) -> tuple[FoldState, list[Transition]]:
     """Apply the session's buffered SessionEnd once the outcomes it counts are known."""
+    buffered = state.early_feedback
+    kinds = list(map(type, buffered))
+    if SessionEnd not in kinds:
+        return state, []
     session_id = state.session_id
-    ends = (f for f in state.early_feedback if isinstance(f, SessionEnd))
-    end = next((f for f in ends if f.session_id == session_id), None)
+    ends = (buffered[i] for i in _indices(kinds, SessionEnd))
+    end = next((f for f in ends if isinstance(f, SessionEnd) and f.session_id == session_id), None)
     if end is None or state.view.step < end.steps:
         return state, []
     return _end_session(state, end.ts, config)
 
 
+def _matches(slate: PendingSlate, event: Impression | Click) -> bool:
+    """Whether ``event`` is about an item ``slate`` showed, where it showed it."""
+    return 0 <= event.position < len(slate.items) and slate.items[event.position] == event.item
+
+
 def _check_matches(slate: PendingSlate, event: Impression | Click) -> None:
-    if 0 <= event.position < len(slate.items) and slate.items[event.position] == event.item:
-        return
-    raise InvalidEvent(
-        f"{type(event).__name__} {event.event_id}: item {event.item} at position "
-        f"{event.position} is not in slate {slate.request_id} {slate.items}"
+    if not _matches(slate, event):
+        raise InvalidEvent(f"{_not_in_slate(event)} {slate.items}")
+
+
+def _not_in_slate(event: Impression | Click) -> str:
+    return (
+        f"{_name(event)}: item {event.item} at position {event.position} is not in slate "
+        f"{event.request_id}"
     )
+
+
+def _name(event: Feedback) -> str:
+    return f"{type(event).__name__} {event.event_id}"
 
 
 def _advance(view: UserView, slate: PendingSlate, config: FoldConfig) -> UserView:

@@ -122,7 +122,6 @@ def test_batch_folder_rejects_overflow_and_contradicting_buffered_feedback():
     assert (record.topic, record.offset, codec.decode(record.value, Feedback)) == (
         TOPICS.feedback, -1, wrong,
     )  # fmt: skip
-    # r0 went out within the batch, so the reason no longer lists the slate's items.
     assert reason == (
         "Impression bad: item 99 at position 0 is not in slate r0 (it arrived before the slate)"
     )

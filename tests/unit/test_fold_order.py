@@ -24,7 +24,7 @@ def _fold_all(events: list[Record]) -> dict[str, Transition]:
     states: dict[str, fold.FoldState] = {}
     out: dict[str, Transition] = {}
     for event in events:
-        user_id = event.user_id  # type: ignore[attr-defined]
+        user_id = event.user_id
         states[user_id], more = fold.apply(states.get(user_id), event)
         for t in more:
             assert t.transition_id not in out, "a transition was emitted twice"
