@@ -2,21 +2,23 @@
 
 ``step()`` is one round, and the in-process loop drives it: read what ``session.state`` and
 ``policy.snapshots`` have (into the session cache and the pending announcements), install
-the newest pending snapshot, then answer a batch of ``rec.requests`` with
-``serving.server.SlateServer`` and publish one ``SlateServed`` per request on ``rec.slates``.
-Request offsets are committed only after the slates before them were acknowledged, so a
-crash answers a request twice, never zero times. Requests that decode but cannot be
-answered (k above the candidates, duplicate candidates, ...) are dead-lettered by the
-``Reader``, re-encoded, with the same headers.
+the newest pending snapshot that verifies (``serve_installs``: a refused one is counted and
+the newest older one above what serves is tried), then answer a batch of ``rec.requests``
+with ``serving.server.SlateServer`` and publish one ``SlateServed`` per request on
+``rec.slates``. Request offsets are committed only after the slates before them were
+acknowledged, so a crash answers a request twice, never zero times. Requests that decode
+but cannot be answered (k above the candidates, duplicate candidates, ...) are
+dead-lettered by the ``Reader``, re-encoded, with the same headers.
 
 ``run()`` (the process on Kafka) first warms up (``warm_up``: the announced snapshots are
 installed before the first request is read, so a restart never serves an older version),
 then runs the same rounds without their side duties, which get a thread each so none waits
-for another: the side loop reads the whole ``session.state``
-changelog and ``policy.snapshots`` (a group of its own, from the beginning, never
-committing: every replica needs all of both); the installer loop verifies, loads and
-indexes announced snapshots off the request path, so a swap never stalls a request, and
-keeps only the newest pending announcement per policy.
+for another: the side loop reads the whole ``session.state`` changelog and
+``policy.snapshots`` (a group of its own, from the beginning, never committing: every
+replica needs all of both); the installer loop verifies, loads and indexes announced
+snapshots off the request path, so a swap never stalls a request. A broker outage is
+waited out: the commit's flush waits for the broker (``kafka.clients``), transient errors
+are noted and the loop goes on.
 """
 
 from __future__ import annotations
