@@ -113,15 +113,17 @@ class BatchFolder:
         encode = codec.encode
         for key, state in current.items():
             if state is not None and state.early_feedback:
-                current[key] = state = self._take_rejected(key, partitions[key], state, rejects)
+                current[key] = state = self.take_rejected(key, partitions[key], state, rejects)
             if state is not None and state is not loaded[key]:  # only changed states are written
                 result.states[key] = (partitions[key], encode(state), state)
         return result
 
-    def _take_rejected(
+    def take_rejected(
         self, key: bytes, partition: int, state: FoldState, rejects: list[tuple[RawRecord, str]]
     ) -> FoldState:
-        """``state`` without the buffered feedback it can never use, which joins ``rejects``."""
+        """``state`` without the buffered feedback it can never use, which joins ``rejects``
+        (``fold.take_rejected``; the expiry sweep needs it too: an expired session's
+        buffered feedback can never be used)."""
         state, taken = fold.take_rejected(state)
         for feedback, reason in taken:
             raw = RawRecord(self.feedback_topic, partition, -1, key, codec.encode(feedback))

@@ -153,3 +153,22 @@ def test_batch_folder_over_topic_grouped_fetches_emits_every_transition():
             got[t.transition_id] = t
     assert len(got) == cfg.users * cfg.steps
     assert all(decode_state(raw).ended for raw in stored.values())
+
+
+def test_an_expired_sessions_buffered_feedback_comes_out_as_rejects_for_the_sweep():
+    folder = BatchFolder(TOPICS.slates, TOPICS.feedback, fold.DEFAULT)
+    slates, feedback = _session()
+    # r0's feedback and r1's slate were lost upstream.
+    records = _raw(slates[:1], TOPICS.slates) + _raw(feedback[4:7], TOPICS.feedback)
+    result = folder.fold(records, {}.get)
+    [(partition, _, state)] = result.states.values()
+    assert fold.unanswered(state) == 1
+    ended, out = fold.expire(state, now=1e9, timeout_s=60.0)
+    assert ended.ended and out == []
+    rejects: list[tuple[RawRecord, str]] = []
+    ended = folder.take_rejected(U.encode(), partition, ended, rejects)
+    assert [(r.offset, codec.decode(r.value, Feedback)) for r, _ in rejects] == [
+        (-1, f) for f in feedback[4:7]
+    ]
+    assert rejects[0][1] == "Impression r1-i0: session s1 ended before slate r1 arrived"
+    assert ended.early_feedback == []
