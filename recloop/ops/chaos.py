@@ -298,19 +298,19 @@ class _Run:
         topics = settings.topics
         serve_group = self._serve_group or committer(settings, topics.requests)
         self._serve_group = serve_group
-        serve_behind = behind(settings, serve_group, [topics.requests])
-        streams_behind = behind(settings, f"{settings.topic_prefix}recloop-streams",
-                                 [topics.slates, topics.feedback])  # fmt: skip
+        serve_n, serve_where = behind(settings, serve_group, [topics.requests])
+        streams_n, streams_where = behind(settings, f"{settings.topic_prefix}recloop-streams",
+                                          [topics.slates, topics.feedback])  # fmt: skip
         manifest = self._manifest()
         ends = log_ends(settings, topics.transitions)
         covered = (manifest or {}).get("consumed_offsets", {}).get(topics.transitions, {})
         learner_behind = sum(max(0, end - int(covered.get(str(p), 0))) for p, end in ends.items())
         status = (
-            f"serving {serve_behind} behind on requests, streams {streams_behind} behind on "
+            f"serving {serve_where} behind on requests, streams {streams_where} behind on "
             f"slates+feedback, learner's newest manifest "
             f"(v{(manifest or {}).get('version', 0)}) {learner_behind} behind on transitions"
         )
-        upstream = serve_behind == 0 and streams_behind == 0
+        upstream = serve_n == 0 and streams_n == 0
         if upstream and learner_behind and manifest is not None and self._learner_idle(manifest):
             # A tail of re-emitted repeats moves no snapshot: judge by the distinct ids.
             distinct = len(transition_ids(settings))

@@ -82,11 +82,16 @@ def log_ends(settings: Settings, topic: str) -> dict[int, int]:
         consumer.close()
 
 
-def behind(settings: Settings, group: str | None, topics: list[str]) -> int | str:
-    """Records ``group`` has not committed past on ``topics`` ("no group" before it has one)."""
+def behind(settings: Settings, group: str | None, topics: list[str]) -> tuple[int | None, str]:
+    """How many records ``group`` has not committed past on ``topics`` (``None`` before it
+    committed at all), and where: each partition behind, with its committed offset."""
     if group is None:
-        return "no group committed"
-    return sum(lag.lag for lag in group_lag(settings, group, topics, with_seconds=False))
+        return None, "(no group has committed yet)"
+    lags = [lag for lag in group_lag(settings, group, topics, with_seconds=False) if lag.lag]
+    where = ", ".join(f"{lag.topic}[{lag.partition}] {lag.lag} past committed {lag.committed}"
+                      for lag in lags)  # fmt: skip
+    total = sum(lag.lag for lag in lags)
+    return total, f"{total}" + (f" ({where})" if where else "")
 
 
 def newest_valid_manifest(
