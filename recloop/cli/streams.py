@@ -66,6 +66,7 @@ def streams(
         session_timeout_s=session_timeout,
         expiry_interval_s=expiry_interval,
     )
+    config.data_dir.mkdir(parents=True, exist_ok=True)  # faust makes only the last level
     serve_metrics(settings)
     run(settings, config, loglevel, observer=_metrics_observer(settings))
 
