@@ -9,6 +9,7 @@ backwards. Exit code 1 when a check fails.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -46,7 +47,9 @@ def chaos(
     rate: float = typer.Option(
         25.0, min=1.0, envvar="RECLOOP_CHAOS_RATE", help="Most requests per second from the sim."
     ),
-    out: Path = typer.Option(Path("artifacts/chaos"), help="Work dir: broker, logs, snapshots."),
+    out: Path = typer.Option(
+        Path("artifacts/chaos"), help="Where each run's folder (broker, logs, snapshots) goes."
+    ),
 ) -> None:
     from recloop.ops.chaos import run_chaos
     from recloop.ops.chaos_plan import ChaosOptions, seconds_range
@@ -58,8 +61,8 @@ def chaos(
             f"{broker_down!r} is not N or LOW-HIGH", param_hint="--broker-down"
         ) from None
     options = ChaosOptions(
-        work_dir=out, seconds=seconds, kills=kills, broker_kills=broker_kills, broker_down_s=down,
-        seed=seed, rate=rate,
+        work_dir=out / time.strftime("%Y%m%d-%H%M%S"), seconds=seconds, kills=kills,
+        broker_kills=broker_kills, broker_down_s=down, seed=seed, rate=rate,
     )  # fmt: skip
     result = run_chaos(options)
     print(result.report())

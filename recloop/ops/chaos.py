@@ -110,6 +110,9 @@ class _Run:
         self.chaos_t0: float | None = None
         work = options.work_dir.resolve()
         self.work = work
+        if work.exists() and any(work.iterdir()):
+            # Its broker data, snapshots and database would be another run's evidence.
+            raise ChaosError(f"work dir {work} is not empty: a chaos run needs a fresh one")
         (work / "logs").mkdir(parents=True, exist_ok=True)
         self.broker = LocalBroker(work / "broker", die_with_parent=True, quick_start=True,
                                   heap="512m")  # fmt: skip
