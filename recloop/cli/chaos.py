@@ -41,7 +41,10 @@ def chaos(
     broker_down: str = typer.Option(
         "10-20",
         envvar="RECLOOP_CHAOS_BROKER_DOWN_S",
-        help="Seconds a broker stays dead: N or LOW-HIGH.",
+        help="Seconds a killed broker stays dead: N or LOW-HIGH.",
+    ),
+    pause: str = typer.Option(
+        "1-4", envvar="RECLOOP_CHAOS_PAUSE_S", help="Seconds a killed process stays dead."
     ),
     seed: int = typer.Option(0, envvar="RECLOOP_CHAOS_SEED", help="Seed of the fault plan."),
     rate: float = typer.Option(
@@ -52,20 +55,25 @@ def chaos(
     ),
 ) -> None:
     from recloop.ops.chaos import run_chaos
-    from recloop.ops.chaos_plan import ChaosOptions, seconds_range
+    from recloop.ops.chaos_plan import ChaosOptions
 
-    try:
-        down = seconds_range(broker_down)
-    except ValueError:
-        raise typer.BadParameter(
-            f"{broker_down!r} is not N or LOW-HIGH", param_hint="--broker-down"
-        ) from None
+    down, paused = _seconds(broker_down, "--broker-down"), _seconds(pause, "--pause")
     options = ChaosOptions(
         work_dir=out / time.strftime("%Y%m%d-%H%M%S"), seconds=seconds, kills=kills,
-        broker_kills=broker_kills, broker_down_s=down, seed=seed, rate=rate,
+        broker_kills=broker_kills, broker_down_s=down, restart_pause_s=paused, seed=seed,
+        rate=rate,
     )  # fmt: skip
     result = run_chaos(options)
     print(result.report())
     print(result.json_line())
     if not result.verdict.ok:
         raise typer.Exit(1)
+
+
+def _seconds(text: str, option: str) -> tuple[float, float]:
+    from recloop.ops.chaos_plan import seconds_range
+
+    try:
+        return seconds_range(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not N or LOW-HIGH", param_hint=option) from None

@@ -82,6 +82,7 @@ ENV_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RECLOOP_CHAOS_SEED": ("seed", int),
     "RECLOOP_CHAOS_RATE": ("rate", float),
     "RECLOOP_CHAOS_BROKER_DOWN_S": ("broker_down_s", seconds_range),
+    "RECLOOP_CHAOS_PAUSE_S": ("restart_pause_s", seconds_range),
 }
 """The environment variables a longer run sets (the suite's run takes the defaults)."""
 

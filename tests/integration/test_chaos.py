@@ -4,9 +4,11 @@
 them (and the broker) under traffic, drains, and judges the topics: the transitions equal the
 offline replay of the fold, the learner's manifest applied each exactly once, every request
 was answered, served versions never went backwards. The suite's run takes the defaults
-(about four minutes on two cores); a longer one sets ``RECLOOP_CHAOS_KILLS``,
-``RECLOOP_CHAOS_SECONDS``, ``RECLOOP_CHAOS_BROKER_KILLS``, ``RECLOOP_CHAOS_SEED`` or
-``RECLOOP_CHAOS_RATE``. The counts are printed as one line and as one JSON line.
+(under three minutes on two cores); a longer one sets the variables of
+``recloop.ops.chaos_plan.ENV_OPTIONS``, e.g. ``RECLOOP_CHAOS_KILLS=15``,
+``RECLOOP_CHAOS_BROKER_KILLS=2``, ``RECLOOP_CHAOS_SECONDS=360``,
+``RECLOOP_CHAOS_BROKER_DOWN_S=30-60``, ``RECLOOP_CHAOS_PAUSE_S=1-4``, ``RECLOOP_CHAOS_SEED``.
+The counts are printed as one line and as one JSON line.
 """
 
 from __future__ import annotations
