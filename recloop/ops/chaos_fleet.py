@@ -20,6 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 TAIL_LINES = 20
+LINE_CHARS = 240
+"""A tail's lines are cut to this length (serving's status lines are JSON of a few KiB)."""
 
 
 class Fleet:
@@ -83,12 +85,12 @@ class Fleet:
 
     def tail(self, kind: str, lines: int = TAIL_LINES) -> str:
         """The exceptions each start of ``kind`` ended with, then the log's last ``lines``
-        without librdkafka's connection chatter (``%3|...`` lines, thousands per outage)."""
+        without the clients' connection chatter (``_CHATTER``)."""
         path = self.log(kind)
         if not path.exists():
             return f"(no log at {path})"
         text = [line for line in path.read_text(errors="replace").splitlines()
-                if not _LIBRDKAFKA_LOG.match(line)]  # fmt: skip
+                if not _CHATTER.search(line)]  # fmt: skip
         errors, start = [], "?"
         for line in text:
             if line.startswith("=== chaos: start"):
@@ -96,10 +98,14 @@ class Fleet:
             elif _EXCEPTION.match(line):
                 errors.append(f"  {start}: {line.strip()}")
         head = ["exceptions:", *errors[-10:]] if errors else []
-        return "\n".join([*head, *text[-lines:]])
+        return "\n".join([*head, *(line[:LINE_CHARS] for line in text[-lines:])])
 
 
-_LIBRDKAFKA_LOG = re.compile(r"^%\d\|")
+_CHATTER = re.compile(
+    r"^%\d\||Connect call failed|NodeNotReadyError|Unable to update metadata|Unable connect to"
+)
+"""Client chatter while the broker is away (librdkafka's ``%3|...`` lines, aiokafka's
+connection errors): thousands of lines per outage that would bury a log's tail."""
 _EXCEPTION = re.compile(r"^[A-Za-z_.]*(Error|Exception|Exit)\b.*:")
 
 
