@@ -329,11 +329,10 @@ class _Run:
     def evidence(self) -> Evidence:
         settings = self._settings()
         topics = settings.topics
-        names = [name for name, _ in topics.all()]
-        records = {
-            topic: read_records(settings, topic) for name in names
-            for topic in (name, topics.dlq(name))
-        }  # fmt: skip
+        # The judged topics, and every dead-letter topic (a dead letter anywhere is evidence).
+        judged = [topics.requests, topics.slates, topics.feedback, topics.transitions]
+        dlqs = [topics.dlq(name) for name, _ in topics.all()]
+        records = {topic: read_records(settings, topic) for topic in [*judged, *dlqs]}
         manifest, skipped = newest_valid_manifest(settings, self.options.algo)
         self.problems += [f"learner: snapshot unreadable, skipped: {s}" for s in skipped]
         return Evidence(topics, records, self.options.algo, manifest, dict(self.kills),
