@@ -10,7 +10,7 @@ from recloop.core import codec, dlq
 from recloop.core.events import RecRequest, SessionEnd, SlateServed
 from recloop.core.topics import Topics
 from recloop.learner.publishing import id_digest
-from recloop.ops.chaos_evidence import Evidence, Exit, TopicRecord, judge, replay
+from recloop.ops.chaos_evidence import STREAMS_CONSUMER, Evidence, Exit, TopicRecord, judge, replay
 from recloop.ops.chaos_plan import KINDS, ChaosOptions, options_from_env, plan_faults
 from recloop.streams import fold
 from recloop.streams.synthetic import slate_feedback
@@ -200,3 +200,9 @@ def test_settings_from_the_environment_are_named_when_wrong():
         options_from_env({"RECLOOP_CHAOS_KILLS": "many"}, Path("w"))
     with pytest.raises(ValueError, match="at least 4.*RECLOOP_CHAOS_KILLS"):
         options_from_env({"RECLOOP_CHAOS_KILLS": "2"}, Path("w"))
+
+
+def test_the_judge_knows_the_streams_workers_name_in_dead_letter_headers():
+    from recloop.streams.app import CONSUMER_NAME
+
+    assert STREAMS_CONSUMER == CONSUMER_NAME
