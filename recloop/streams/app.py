@@ -37,6 +37,16 @@ Why it looks the way it does:
   the table's store without a changelog record per write) are used only through
   ``streams.faust_internals``, which refuses library versions it was not checked against.
 - No standby replicas: the expiry sweep must only see partitions this worker owns.
+- The sweep cannot know a session went quiet while it was not watching: the session's next
+  records may still be in the backlog, or held by producers through a broker outage. So
+  idleness counts from the later of the session's last event and the moment the worker
+  began watching its partition (assigned, or the broker back after an outage), and while
+  the broker is away or the group rebalances the sweep does not run at all. Catching up on
+  a backlog older than the timeout therefore ends nothing before its records have come.
+- A broker outage is waited out, not died of: faust's consumer and aiokafka's producer retry
+  until the broker is back (a record for up to ``producer_request_timeout``), and
+  ``BrokerWatch`` says "waiting for the broker" in the log and in
+  ``recloop_waiting_for_broker{process="streams"}`` meanwhile.
 
 Build it with ``create_app(settings, config)`` at the entry point; nothing happens at import.
 """
@@ -45,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import ssl
 import time
 from collections.abc import Callable
@@ -54,18 +65,22 @@ from typing import Any, Protocol
 
 import faust
 
+from recloop import metrics
 from recloop.core import codec
 from recloop.core.dlq import dlq_headers
 from recloop.core.settings import Settings
 from recloop.core.topics import DLQ_SUFFIX
+from recloop.streams import fold
 from recloop.streams.batch import BatchFolder, BatchResult, RawRecord, as_state, decode_state
 from recloop.streams.faust_internals import (
     aiokafka_producer,
     install_batch_delivery,
     table_store,
 )
-from recloop.streams.fold import FoldConfig, FoldState, expire
+from recloop.streams.fold import FoldConfig, FoldState
 from recloop.streams.sender import BatchSender, send_transitions_then_states
+
+log = logging.getLogger(__name__)
 
 CONSUMER_NAME = "streams"
 TABLE_NAME = "sessions"
@@ -88,7 +103,8 @@ class StreamsConfig:
     """Longest wait for a batch to fill before folding what has come (the agent's route:
     faust's test context; the worker's consumer folds whatever one fetch returned)."""
     session_timeout_s: float = 1800.0
-    """A session with no event for this long is ended (wall clock against event ``ts``)."""
+    """A session with no event for this long is ended: wall clock against the later of its
+    last event's ``ts`` and the moment the worker began watching its partition."""
     expiry_interval_s: float = 10.0
     """How often the inactivity sweep runs."""
     fold: FoldConfig = field(default_factory=FoldConfig)
@@ -101,8 +117,10 @@ BatchObserver = Callable[[list[RawRecord], BatchResult], None]
 class Sink(Protocol):
     """Where the agent's results go; ``KafkaSink`` in production.
 
-    ``state`` and ``transition`` gather a batch's results; ``flush`` sends them, the
-    transitions first; ``dead_letter`` sends at once.
+    ``state`` and ``transition`` gather a batch's results; ``dead_letter`` sends at once;
+    ``flush`` sends the gathered results, the states only once the transitions and the dead
+    letters sent before it are on the broker (a state may no longer hold a dead-lettered
+    record, as an expired session's buffered feedback).
     """
 
     async def state(self, key: bytes, partition: int, value: bytes) -> None: ...
@@ -114,11 +132,11 @@ class Sink(Protocol):
 class KafkaSink:
     """Sends through faust's producer, a whole record batch per topic-partition at a time.
 
-    ``flush`` sends the transitions, acknowledged, before the states that count them as sent
-    (``streams.sender.send_transitions_then_states``). faust flushes the producer before it
-    commits offsets, so no offset is committed before its states are on the broker either.
-    A failed state delivery is kept and raised by ``check``; a failed transition delivery
-    raises from ``flush``.
+    ``flush`` sends the transitions and waits for them and for the dead letters sent since the
+    last flush, then the states (``streams.sender.send_transitions_then_states``). faust
+    flushes the producer before it commits offsets, so no offset is committed before its
+    states are on the broker either. A failed state delivery is kept and raised by
+    ``check``; a failed transition or dead-letter delivery raises from ``flush``.
     """
 
     def __init__(self, app: faust.App, settings: Settings) -> None:
@@ -128,6 +146,7 @@ class KafkaSink:
         self._transitions_topic = topics.transitions
         self._states = BatchSender()
         self._transitions = BatchSender()
+        self._dead_letters: list[asyncio.Future] = []
         self.error: BaseException | None = None
 
     def _on_delivery(self, fut: asyncio.Future) -> None:
@@ -146,8 +165,9 @@ class KafkaSink:
         self._transitions.add(self._transitions_topic, partition, key, value)
 
     async def flush(self) -> None:
+        dead_letters, self._dead_letters = self._dead_letters, []
         deliveries = await send_transitions_then_states(
-            aiokafka_producer(self._app), self._transitions, self._states
+            aiokafka_producer(self._app), self._transitions, self._states, dead_letters
         )
         for delivery in deliveries:
             delivery.add_done_callback(self._on_delivery)
@@ -155,8 +175,10 @@ class KafkaSink:
     async def dead_letter(self, record: RawRecord, error: str) -> None:
         headers = dlq_headers(error, record.topic, record.partition, record.offset, CONSUMER_NAME)
         topic = f"{record.topic}{DLQ_SUFFIX}"
-        delivery = await self._app.producer.send(topic, record.key, record.value, None, None, headers)
-        asyncio.ensure_future(delivery).add_done_callback(self._on_delivery)
+        delivery = await self._app.producer.send(
+            topic, record.key, record.value, None, None, headers
+        )
+        self._dead_letters.append(asyncio.ensure_future(delivery))
 
 
 def _raw_schema() -> faust.Schema:
@@ -207,11 +229,16 @@ class StreamsApp:
         self.sink: Sink = sink or KafkaSink(self.app, settings)
         # Open sessions this worker may have to expire: key -> (partition, last event ts).
         self.open_sessions: dict[bytes, tuple[int, float]] = {}
-        self.counts = {"records": 0, "transitions": 0, "rejects": 0, "batches": 0}
+        # Owned partitions -> since when this worker has watched them (``watch``).
+        self.watching_since: dict[int, float] = {}
+        # unanswered: slates that expired sessions closed without a transition.
+        self.counts = {"records": 0, "transitions": 0, "rejects": 0, "batches": 0, "unanswered": 0}
         # The agent and the expiry timer both read, fold and write states across awaits.
         self._lock = asyncio.Lock()
         self.agent = self.app.agent(self.source, name="fold", concurrency=1)(self._process)
-        self.app.timer(config.expiry_interval_s, name="expire")(self._expire_idle)
+        self.app.timer(config.expiry_interval_s, name="expire")(self.sweep)
+        self.broker = BrokerWatch(settings.kafka_bootstrap, on_back=self._on_broker_back)
+        self.app.timer(PROBE_INTERVAL_S, name="broker-watch")(self.broker.probe)
 
     async def _process(self, stream: Any) -> None:
         within = self.config.batch_within_s
@@ -242,9 +269,10 @@ class StreamsApp:
                 await sink.state(key, partition, raw)
                 data[key] = state  # decoded: the next batch needn't decode it again
                 self._track(key, partition, state)
-            await sink.flush()
+            # Dead letters first: flush holds the states back until they are on the broker.
             for record, error in result.rejects:
                 await sink.dead_letter(record, error)
+            await sink.flush()
             _check(sink)
         counts = self.counts
         counts["records"] += len(records)
@@ -269,8 +297,25 @@ class StreamsApp:
             return
         self._track(message.key, message.partition, decode_state(message.value))
 
-    async def _expire_idle(self) -> None:
-        await self.expire_idle(time.time())
+    def watch(self, partitions: set[int], now: float) -> None:
+        """This worker owns ``partitions`` now: the new ones are watched from ``now``, the ones
+        it kept keep their time, the others are forgotten."""
+        since = self.watching_since
+        self.watching_since = {p: since.get(p, now) for p in partitions}
+
+    def _on_broker_back(self, now: float) -> None:
+        # What producers held through the outage arrives only now: watching starts over.
+        self.watching_since = dict.fromkeys(self.watching_since, now)
+
+    async def sweep(self) -> int:
+        """The expiry timer: watch the owned partitions, end their idle sessions. Nothing while
+        the broker is away (no session can be judged idle, nor its end sent, without it) or
+        the group rebalances (the assignment is in flux, the tables may be recovering)."""
+        if self.broker.away or self.app.rebalancing:
+            return 0
+        now = time.time()
+        self.watch(self.owned_partitions(), now)
+        return await self.expire_idle(now)
 
     def owned_partitions(self) -> set[int]:
         """Partitions this worker processes now (standbys excluded: there are none)."""
@@ -278,29 +323,114 @@ class StreamsApp:
         return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == feedback}
 
     async def expire_idle(self, now: float, owned: set[int] | None = None) -> int:
-        """End sessions idle longer than the timeout on ``owned`` (default: this worker's)."""
+        """End sessions idle longer than the timeout on ``owned`` (default: this worker's).
+
+        Idle counts from the later of the session's last event and ``watching_since`` of its
+        partition (``watch``: ``sweep`` watches the owned partitions first). An ended
+        session's unanswered slates close without a transition and are counted
+        (``counts["unanswered"]``); its buffered feedback that can now never be used is
+        dead-lettered before its state is sent (``counts["rejects"]``).
+        """
         timeout = self.config.session_timeout_s
         owned = self.owned_partitions() if owned is None else owned
+        since = self.watching_since
         ended = 0
+        rejects: list[tuple[RawRecord, str]] = []
         async with self._lock:
             store = table_store(self.table)
             for key, (partition, last_ts) in list(self.open_sessions.items()):
-                if partition not in owned or now - last_ts < timeout:
+                if (
+                    partition not in owned
+                    or now - max(last_ts, since.get(partition, 0.0)) < timeout
+                ):
                     continue
                 stored = as_state(store.get(key))
                 if stored is None:
                     self.open_sessions.pop(key, None)
                     continue
-                state, out = expire(stored, now, timeout, self.config.fold)
+                self.counts["unanswered"] += fold.unanswered(stored)
+                state, out = fold.expire(stored, now, timeout, self.config.fold)
+                state = self.folder.take_rejected(key, partition, state, rejects)
                 for transition in out:  # before the state, as in process_batch
                     await self.sink.transition(key, partition, codec.encode(transition))
                 await self.sink.state(key, partition, codec.encode(state))
                 store[key] = state
                 self._track(key, partition, state)
                 ended += 1
+            for record, error in rejects:
+                await self.sink.dead_letter(record, error)
             await self.sink.flush()
             _check(self.sink)
+        self.counts["rejects"] += len(rejects)
         return ended
+
+
+PROBE_INTERVAL_S = 2.0
+"""How often ``BrokerWatch`` tries the broker."""
+PROBE_TIMEOUT_S = 1.5
+"""Longest wait for the broker's port to accept a connection."""
+REPORT_EVERY_S = 10.0
+"""How often a wait for the broker is logged again."""
+
+
+class BrokerWatch:
+    """Whether the broker is there, by a TCP connect to each bootstrap server every
+    ``PROBE_INTERVAL_S``: it is away while none accepts.
+
+    While it is away the log says "waiting for the broker" (every ``REPORT_EVERY_S``) and
+    ``recloop_waiting_for_broker{process="streams"}`` is 1; when it is back, 0, a last log
+    line, and ``on_back(wall clock now)``. faust and aiokafka do the waiting themselves (they
+    retry until the broker answers); this only tells, so that the expiry sweep stands still.
+    """
+
+    def __init__(self, bootstrap: str, on_back: Callable[[float], None]) -> None:
+        self.servers = [_host_port(server) for server in bootstrap.split(",")]
+        self.on_back = on_back
+        self.away_since: float | None = None
+        self._reported_at = 0.0
+
+    @property
+    def away(self) -> bool:
+        return self.away_since is not None
+
+    async def probe(self) -> None:
+        error = await _unreachable(self.servers, PROBE_TIMEOUT_S)
+        now = time.monotonic()
+        if error is None:
+            if self.away_since is not None:
+                log.warning("streams: the broker is back after %.0f s", now - self.away_since)
+                self.away_since = None
+                metrics.WAITING_FOR_BROKER.labels(CONSUMER_NAME).set(0)
+                self.on_back(time.time())
+            return
+        if self.away_since is None:
+            self.away_since = self._reported_at = now
+            metrics.WAITING_FOR_BROKER.labels(CONSUMER_NAME).set(1)
+            log.warning("streams: waiting for the broker (%s)", error)
+        elif now - self._reported_at >= REPORT_EVERY_S:
+            self._reported_at = now
+            log.warning(
+                "streams: waiting for the broker for %.0f s (%s)", now - self.away_since, error
+            )
+
+
+def _host_port(server: str) -> tuple[str, int]:
+    host, _, port = server.strip().rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def _unreachable(servers: list[tuple[str, int]], timeout: float) -> str | None:
+    """None if one of ``servers`` accepts a TCP connection within ``timeout``, else why not."""
+    error = "no bootstrap server"
+    for host, port in servers:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, TimeoutError) as exc:
+            error = f"{host}:{port}: {exc or type(exc).__name__}"
+            continue
+        writer.close()
+        return None
+    return error
 
 
 def _check(sink: Sink) -> None:
@@ -327,6 +457,9 @@ def _faust_options(settings: Settings, config: StreamsConfig) -> dict[str, Any]:
         "broker_session_timeout": 10.0,
         "broker_heartbeat_interval": 1.0,
         "producer_acks": -1,
+        # aiokafka retries a record this long while its partition has no reachable leader:
+        # an outage shorter than this loses nothing (faust's default, relied on here).
+        "producer_request_timeout": 1200.0,
         # Whole record batches per topic-partition (streams.sender): a folded batch's states
         # fill few of them. Half the broker's default 1 MiB message limit.
         "producer_max_batch_size": 512 * 1024,

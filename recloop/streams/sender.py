@@ -11,6 +11,7 @@ commit that flushes the producer first still covers them.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 
@@ -53,15 +54,21 @@ class BatchSender:
 
 
 async def send_transitions_then_states(
-    producer: Any, transitions: BatchSender, states: BatchSender
+    producer: Any,
+    transitions: BatchSender,
+    states: BatchSender,
+    sent_before: Sequence[Awaitable[Any]] = (),
 ) -> list[asyncio.Future]:
     """Send a folded batch's results in the order recovery needs; return the states' futures.
 
     The transitions must be on the broker before the states that count them as sent: a state
     there without its transitions would, after a crash, make the replayed records duplicates
     and lose those transitions for good. So this waits for the transitions' acknowledgements
-    (raising if one failed) before it hands over the states.
+    (raising if one failed) before it hands over the states; likewise for ``sent_before``,
+    deliveries already under way that the states must not overtake (dead letters of records
+    the states no longer hold).
     """
-    if len(transitions):
-        await asyncio.gather(*await transitions.send(producer))
+    pending = [*sent_before, *(await transitions.send(producer) if len(transitions) else ())]
+    if pending:
+        await asyncio.gather(*pending)
     return await states.send(producer)
