@@ -45,7 +45,7 @@ Why it looks the way it does:
   a backlog older than the timeout therefore ends nothing before its records have come.
 - A broker outage is waited out, not died of: faust's consumer and aiokafka's producer retry
   until the broker is back (a record for up to ``producer_request_timeout``), and
-  ``BrokerWatch`` says "waiting for the broker" in the log and in
+  ``streams.broker_watch`` says "waiting for the broker" in the log and in
   ``recloop_waiting_for_broker{process="streams"}`` meanwhile.
 
 Build it with ``create_app(settings, config)`` at the entry point; nothing happens at import.
@@ -65,13 +65,13 @@ from typing import Any, Protocol
 
 import faust
 
-from recloop import metrics
 from recloop.core import codec
 from recloop.core.dlq import dlq_headers
 from recloop.core.settings import Settings
 from recloop.core.topics import DLQ_SUFFIX
 from recloop.streams import fold
 from recloop.streams.batch import BatchFolder, BatchResult, RawRecord, as_state, decode_state
+from recloop.streams.broker_watch import PROBE_INTERVAL_S, BrokerWatch
 from recloop.streams.faust_internals import (
     aiokafka_producer,
     install_batch_delivery,
@@ -363,74 +363,6 @@ class StreamsApp:
             _check(self.sink)
         self.counts["rejects"] += len(rejects)
         return ended
-
-
-PROBE_INTERVAL_S = 2.0
-"""How often ``BrokerWatch`` tries the broker."""
-PROBE_TIMEOUT_S = 1.5
-"""Longest wait for the broker's port to accept a connection."""
-REPORT_EVERY_S = 10.0
-"""How often a wait for the broker is logged again."""
-
-
-class BrokerWatch:
-    """Whether the broker is there, by a TCP connect to each bootstrap server every
-    ``PROBE_INTERVAL_S``: it is away while none accepts.
-
-    While it is away the log says "waiting for the broker" (every ``REPORT_EVERY_S``) and
-    ``recloop_waiting_for_broker{process="streams"}`` is 1; when it is back, 0, a last log
-    line, and ``on_back(wall clock now)``. faust and aiokafka do the waiting themselves (they
-    retry until the broker answers); this only tells, so that the expiry sweep stands still.
-    """
-
-    def __init__(self, bootstrap: str, on_back: Callable[[float], None]) -> None:
-        self.servers = [_host_port(server) for server in bootstrap.split(",")]
-        self.on_back = on_back
-        self.away_since: float | None = None
-        self._reported_at = 0.0
-
-    @property
-    def away(self) -> bool:
-        return self.away_since is not None
-
-    async def probe(self) -> None:
-        error = await _unreachable(self.servers, PROBE_TIMEOUT_S)
-        now = time.monotonic()
-        if error is None:
-            if self.away_since is not None:
-                log.warning("streams: the broker is back after %.0f s", now - self.away_since)
-                self.away_since = None
-                metrics.WAITING_FOR_BROKER.labels(CONSUMER_NAME).set(0)
-                self.on_back(time.time())
-            return
-        if self.away_since is None:
-            self.away_since = self._reported_at = now
-            metrics.WAITING_FOR_BROKER.labels(CONSUMER_NAME).set(1)
-            log.warning("streams: waiting for the broker (%s)", error)
-        elif now - self._reported_at >= REPORT_EVERY_S:
-            self._reported_at = now
-            log.warning(
-                "streams: waiting for the broker for %.0f s (%s)", now - self.away_since, error
-            )
-
-
-def _host_port(server: str) -> tuple[str, int]:
-    host, _, port = server.strip().rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-async def _unreachable(servers: list[tuple[str, int]], timeout: float) -> str | None:
-    """None if one of ``servers`` accepts a TCP connection within ``timeout``, else why not."""
-    error = "no bootstrap server"
-    for host, port in servers:
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        except (OSError, TimeoutError) as exc:
-            error = f"{host}:{port}: {exc or type(exc).__name__}"
-            continue
-        writer.close()
-        return None
-    return error
 
 
 def _check(sink: Sink) -> None:
