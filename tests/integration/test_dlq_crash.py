@@ -113,7 +113,7 @@ def test_a_crash_after_the_commit_leaves_the_malformed_slate_dead_lettered_or_un
     assert child.returncode == -9, (tmp_path / "child.log").read_text()[-3000:]
 
     # The child committed past the malformed slate...
-    reader = make_consumer(kafka_settings, f"recloop-sim-{run_tag}")
+    reader = make_consumer(kafka_settings, topics.group(f"recloop-sim-{run_tag}"))
     [tp] = reader.committed([TopicPartition(topics.slates, partition)], timeout=10)
     reader.close()
     assert tp.offset == offset + 1
