@@ -147,8 +147,15 @@ class KafkaConsumer:
         assignment = self.consumer.assignment()
         if not assignment:
             return False
-        for tp in self.consumer.position(assignment):
-            low, high = self.consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+        try:
+            positions = self.consumer.position(assignment)
+            marks = [self.consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+                     for tp in positions]  # fmt: skip
+        except KafkaException as exc:  # a leader moving, a slow broker: not yet, then
+            self.last_error = str(exc)
+            self.errors += 1
+            return False
+        for tp, (low, high) in zip(positions, marks, strict=True):
             # No position yet (nothing fetched) is behind unless the partition is empty.
             if (tp.offset < 0 and high > low) or (tp.offset >= 0 and tp.offset < high):
                 return False

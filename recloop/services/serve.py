@@ -160,8 +160,10 @@ class ServeService:
                 caught_up = True
                 break
         if not caught_up:
-            log.warning("serve: not caught up with %s within %.0f s; serving anyway",
-                        self.topics.snapshots, timeout_s)  # fmt: skip
+            why = "no partitions yet" if not self._side.consumer.assigned() else "still behind"
+            log.warning("serve: not caught up with %s within %.0f s (%s); serving anyway",
+                        self.topics.snapshots, timeout_s, why)  # fmt: skip
+            self._errors.append(f"warm-up: not caught up within {timeout_s:.0f} s ({why})")
         self.install_pending()
         return caught_up
 
@@ -182,7 +184,12 @@ class ServeService:
         side = threading.Thread(target=self._side_loop, name="serve-side", daemon=True)
         installer = threading.Thread(target=self.installs.run_until, args=(self._stop,),
                                      name="serve-install", daemon=True)  # fmt: skip
-        self.warm_up(self.options.warm_up_s)
+        try:
+            self.warm_up(self.options.warm_up_s)
+        except Exception as exc:
+            if fatal(exc):
+                raise
+            self._errors.append(f"warm-up: {exc}")  # serve anyway; the side loop catches up
         requests = self.requests
         side.start()
         installer.start()

@@ -16,8 +16,9 @@ class ServeOptions:
     """Most requests answered per batch."""
     poll_timeout_s: float = 0.1
     """Longest wait for a request before the loop looks at its other duties."""
-    warm_up_s: float = 60.0
-    """Longest wait at start for the announced snapshots to be read and installed."""
+    warm_up_s: float = 15.0
+    """Longest wait at start for the announced snapshots to be read and installed (a restart
+    normally catches up within seconds; past this it serves anyway, and says so)."""
     commit_every_s: float = 1.0
     """How often slates are confirmed and request offsets committed."""
     group_id: str = "recloop-serve"
