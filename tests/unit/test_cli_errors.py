@@ -49,7 +49,7 @@ def test_bad_arguments_are_named(args, expected, monkeypatch, tmp_path) -> None:
 
 
 def test_every_command_has_help_with_an_example() -> None:
-    commands = ["demo", "learn", "sim", "serve", "streams", "lag", "report",
+    commands = ["demo", "chaos", "learn", "sim", "serve", "streams", "lag", "report",
                 "kafka up", "topics create", "db upgrade",
                 "bench sim", "bench streams", "bench learn", "bench serve", "bench loop"]
     for command in commands:
