@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from recloop.core import codec
 from recloop.core.settings import Settings
@@ -18,7 +18,15 @@ from recloop.core.settings import Settings
 def read_topic(
     settings: Settings, topic: str, value_type: Any, timeout_s: float = 120.0
 ) -> list[tuple[int, int, Any]]:
-    """Every record now on ``topic`` as ``(partition, offset, decoded value)``.
+    """Every record now on ``topic`` as ``(partition, offset, decoded value)``."""
+    return [(p, offset, codec.decode(msg.value(), value_type))
+            for p, offset, msg in read_messages(settings, topic, timeout_s)]  # fmt: skip
+
+
+def read_messages(
+    settings: Settings, topic: str, timeout_s: float = 120.0
+) -> list[tuple[int, int, Message]]:
+    """Every message now on ``topic`` as ``(partition, offset, message)``, undecoded.
 
     Reads each partition up to the log end seen at the start. Compacted topics may have
     gaps and transactional ones control records, so a partition is done when the reader's
@@ -28,7 +36,7 @@ def read_topic(
         **settings.kafka_client_config(), "group.id": settings.topics.group("recloop-reader"),
         "enable.auto.commit": False,
     })  # fmt: skip
-    out: list[tuple[int, int, Any]] = []
+    out: list[tuple[int, int, Message]] = []
     deadline = time.monotonic() + timeout_s
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -45,7 +53,7 @@ def read_topic(
                     offset = msg.offset()
                     if msg.error() is None and msg.partition() == p and offset is not None \
                             and offset < high:
-                        out.append((p, offset, codec.decode(msg.value(), value_type)))
+                        out.append((p, offset, msg))
             consumer.unassign()
     finally:
         consumer.close()

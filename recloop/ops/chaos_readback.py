@@ -9,7 +9,6 @@ whose files verify against storage's record of it.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Message, TopicPartition
@@ -21,6 +20,7 @@ from recloop.core.settings import Settings
 from recloop.core.snapshot import SnapshotError, latest_snapshot, read_snapshot, snapshot_dir
 from recloop.kafka.clients import make_admin
 from recloop.kafka.lag import group_lag
+from recloop.kafka.read import read_messages
 from recloop.ops.chaos_evidence import TopicRecord
 from recloop.storage.store import Storage
 
@@ -29,29 +29,8 @@ def read_records(settings: Settings, topic: str, timeout_s: float = 120.0) -> li
     """Every record of ``topic`` from each partition's start to its high watermark, raw
     (value bytes and headers): dead letters are read for their headers, and a record that
     does not decode is evidence too. Joins no group and commits nothing."""
-    consumer = Consumer({**settings.kafka_client_config(), "group.id": "recloop-chaos-reader",
-                         "enable.auto.commit": False})  # fmt: skip
-    out: list[TopicRecord] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
-        for p in sorted(metadata.partitions):
-            tp = TopicPartition(topic, p)
-            low, high = consumer.get_watermark_offsets(tp, timeout=10)
-            if high <= low:
-                continue
-            consumer.assign([TopicPartition(topic, p, low)])
-            while consumer.position([tp])[0].offset < high:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"reading {topic}[{p}] up to offset {high} timed out")
-                for msg in consumer.consume(1000, timeout=1.0):
-                    offset = msg.offset()
-                    if msg.error() is None and offset is not None and offset < high:
-                        out.append(TopicRecord(p, offset, msg.value(), _headers(msg)))
-            consumer.unassign()
-    finally:
-        consumer.close()
-    return out
+    return [TopicRecord(p, offset, msg.value(), _headers(msg))
+            for p, offset, msg in read_messages(settings, topic, timeout_s)]  # fmt: skip
 
 
 def _headers(msg: Message) -> dict[str, str]:
