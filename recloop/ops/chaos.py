@@ -44,6 +44,7 @@ from recloop.ops.chaos_readback import (
     read_records,
     transition_ids,
 )
+from recloop.ops.demo import child_env
 from recloop.storage.store import Storage
 
 
@@ -145,16 +146,8 @@ class _Run:
         self.settings = settings
         create_topics(settings)
         Storage.from_settings(settings).close()  # migrate once, before any process opens it
-        env = {
-            **os.environ,
-            "RECLOOP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "RECLOOP_TOPIC_PREFIX": settings.topic_prefix,
-            "RECLOOP_HOME": str(settings.home),
-            "RECLOOP_PARTITIONS": str(settings.partitions),
-            "RECLOOP_SNAPSHOT_DIR": str(settings.resolved_snapshot_dir),
-            "RECLOOP_DATABASE_URL": settings.resolved_database_url,
-            "RECLOOP_METRICS_PORT": "0",  # four processes on one host: no endpoint to clash on
-        }
+        # Four processes on one host: no metrics endpoint to clash on.
+        env = child_env(settings, RECLOOP_METRICS_PORT="0")
         share = o.learned_share
         commands = {
             "streams": ["streams", "--app-id", f"{settings.topic_prefix}recloop-streams",

@@ -91,6 +91,21 @@ class ChildProcesses:
                 proc.wait(10)
 
 
+def child_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of the loop's child processes: this process's, with the settings
+    they must share (broker, prefix, home, partitions, snapshots, database) as RECLOOP_*."""
+    return {
+        **os.environ,
+        "RECLOOP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "RECLOOP_TOPIC_PREFIX": settings.topic_prefix,
+        "RECLOOP_HOME": str(settings.home),
+        "RECLOOP_PARTITIONS": str(settings.partitions),
+        "RECLOOP_SNAPSHOT_DIR": str(settings.resolved_snapshot_dir),
+        "RECLOOP_DATABASE_URL": settings.resolved_database_url,
+        **extra,
+    }
+
+
 def _bootstrap_port(bootstrap: str) -> tuple[str, int]:
     host, _, port = bootstrap.split(",")[0].rpartition(":")
     return host, int(port)
@@ -127,16 +142,7 @@ def run_demo(
             broker = LocalBroker(settings.home / "demo-broker", port, die_with_parent=True)
             broker.start()
         create_topics(settings)
-    env = {
-        **os.environ,
-        "RECLOOP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "RECLOOP_TOPIC_PREFIX": settings.topic_prefix,
-        "RECLOOP_HOME": str(settings.home),
-        "RECLOOP_PARTITIONS": str(settings.partitions),
-        "RECLOOP_SNAPSHOT_DIR": str(settings.resolved_snapshot_dir),
-        "RECLOOP_DATABASE_URL": settings.resolved_database_url,
-    }
-    children = ChildProcesses(out_dir / "logs", env)
+    children = ChildProcesses(out_dir / "logs", child_env(settings))
     storage = Storage.from_settings(settings)
     run_config = {
         "options": {k: str(v) for k, v in options.__dict__.items()},
