@@ -18,8 +18,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -35,16 +33,6 @@ from recloop.ops.broker import LocalBroker
 pytestmark = pytest.mark.integration
 
 OUTAGE_S = 35.0  # longer than the 30 s after which the old flush gave up
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
-    broker = LocalBroker(tmp_path / "kafka", die_with_parent=True, quick_start=True)
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def _request(i: int) -> bytes:

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +36,6 @@ from recloop.core.settings import Settings
 from recloop.kafka.admin import create_topics
 from recloop.kafka.bus import KafkaBus
 from recloop.kafka.read import read_topic
-from recloop.ops.broker import LocalBroker
 from recloop.ops.broker.config import free_port
 from recloop.streams import fold
 from recloop.streams.synthetic import SyntheticConfig, causal_events
@@ -46,16 +44,6 @@ pytestmark = pytest.mark.integration
 
 OUTAGE_S = 25.0  # longer than the worker's 10 s group session and many sweeps
 WORKLOAD = SyntheticConfig(users=150, sessions=2, steps=3, seed=3)
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
-    broker = LocalBroker(tmp_path / "kafka", die_with_parent=True, quick_start=True)
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def start_worker(settings: Settings, tmp_path: Path, metrics_port: int) -> subprocess.Popen:
