@@ -5,16 +5,25 @@ and its storage tool), ``kafka-tools`` (the consumer-group command) and a log4j2
 version-specific cache folder outside the repository (``~/.cache/recloop/kafka-<version>/``).
 The folder counts as fetched only once Maven succeeded. The version lives in ``KAFKA_VERSION``
 only; ``java`` and ``classpath`` say how any JVM here is started on those jars.
+
+Verified, not trusted: Maven runs with ``-C`` (a checksum mismatch fails the fetch instead of
+being a warning) and its warnings are logged, and the SHA-256 of every jar is pinned in
+``jars.sha256`` next to this module. ``ensure_kafka_libs`` checks the folder against the pins on
+every call, so on every broker start: a jar that is not pinned, differs from its pin, or is
+missing is refused with a ``BrokerError`` naming it. Hashing all ~44 MB takes about 0.1 s, next
+to a JVM start of seconds, so there is no cache that a kept mtime could fool.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import shutil
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +38,7 @@ SLF4J_VERSION = "1.7.36"  # Kafka 4.x logs through SLF4J 1.x; log4j-slf4j-impl i
 DEPENDENCY_PLUGIN_VERSION = "3.8.1"
 
 _COMPLETE_MARKER = ".complete.json"
+PINS_FILE = Path(__file__).with_name("jars.sha256")
 
 # Stop at the C1 compiler: a short-lived JVM (a tool, or a broker in a test session) starts
 # about 2.5x faster on a loaded 2-core machine; long-running brokers keep the full JIT.
@@ -51,6 +61,40 @@ class LibsInfo:
     libs_dir: Path
     fetch_seconds: float
     fetched_now: bool
+
+
+def pinned_hashes(pins_file: Path = PINS_FILE) -> dict[str, str]:
+    """The pinned SHA-256 of each jar by file name, from ``sha256sum`` lines (``#`` comments)."""
+    pins: dict[str, str] = {}
+    for line in pins_file.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            digest, name = line.split(maxsplit=1)
+            pins[name.lstrip("*")] = digest.lower()
+    return pins
+
+
+def verify_libs(libs_dir: Path, pins: Mapping[str, str]) -> None:
+    """Raise a one-line ``BrokerError`` unless ``libs_dir`` holds exactly the pinned jars.
+
+    Every file but the dot-files is checked, not only ``*.jar`` (nothing else belongs there):
+    one not in ``pins``, one whose SHA-256 differs from its pin, and a pinned jar that is
+    missing are each refused by name, with what to do.
+    """
+    fix = f"delete {libs_dir.parent} to fetch the jars again, and check {PINS_FILE.name}"
+    present = sorted(p for p in libs_dir.iterdir() if not p.name.startswith("."))
+    for path in present:
+        expected = pins.get(path.name)
+        if expected is None:
+            raise BrokerError(f"Kafka jar {path} is not pinned in {PINS_FILE.name}: {fix}")
+        with open(path, "rb") as f:
+            actual = hashlib.file_digest(f, "sha256").hexdigest()
+        if actual != expected:
+            raise BrokerError(
+                f"Kafka jar {path} has SHA-256 {actual}, not the pinned {expected}: {fix}"
+            )
+    missing = sorted(set(pins) - {p.name for p in present})
+    if missing:
+        raise BrokerError(f"pinned Kafka jar {missing[0]} is missing from {libs_dir}: {fix}")
 
 
 def pom(version: str) -> str:
@@ -99,7 +143,8 @@ def ensure_kafka_libs(cache_dir: Path | None = None, version: str = KAFKA_VERSIO
     """Return the jar folder for ``version``, fetching it with Maven the first time.
 
     The folder counts as complete only once Maven succeeded (a marker file records it and the
-    time the fetch took). A file lock keeps concurrent test sessions from fetching twice.
+    time the fetch took); fetched now or before, it is returned only once ``verify_libs`` passed
+    against the pins. A file lock keeps concurrent test sessions from fetching twice.
     """
     home = kafka_home(cache_dir, version)
     libs = home / "libs"
@@ -109,6 +154,7 @@ def ensure_kafka_libs(cache_dir: Path | None = None, version: str = KAFKA_VERSIO
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.exists():
             seconds = float(json.loads(marker.read_text()).get("fetch_seconds", 0.0))
+            verify_libs(libs, pinned_hashes())
             return LibsInfo(libs, seconds, fetched_now=False)
         if shutil.which("mvn") is None:
             raise BrokerError("Maven ('mvn') is needed to fetch the Kafka jars; install it first")
@@ -120,7 +166,8 @@ def ensure_kafka_libs(cache_dir: Path | None = None, version: str = KAFKA_VERSIO
         log.info("fetching Apache Kafka %s jars from Maven Central into %s", version, libs)
         t0 = time.monotonic()
         cmd = [
-            "mvn", "-B", "-q", "-f", str(project / "pom.xml"),
+            # -C: a checksum mismatch fails the fetch (Maven 3 only warns without it).
+            "mvn", "-B", "-C", "-f", str(project / "pom.xml"),
             "dependency:copy-dependencies",
             "-DincludeScope=runtime",
             "-Dmdep.prependGroupId=true",
@@ -128,11 +175,15 @@ def ensure_kafka_libs(cache_dir: Path | None = None, version: str = KAFKA_VERSIO
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         seconds = time.monotonic() - t0
+        for line in (proc.stdout + proc.stderr).splitlines():
+            if line.startswith("[WARNING]"):
+                log.warning("maven: %s", line.removeprefix("[WARNING]").strip())
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr)[-3000:]
             raise BrokerError(f"Maven could not fetch the Kafka {version} jars:\n{tail}")
         if not any(libs.glob(f"org.apache.kafka.kafka_{SCALA_VERSION}-{version}.jar")):
             raise BrokerError(f"Maven finished but no kafka_{SCALA_VERSION} jar is in {libs}")
+        verify_libs(libs, pinned_hashes())
         marker.write_text(json.dumps({"version": version, "fetch_seconds": round(seconds, 1)}))
         log.info("fetched Kafka %s jars in %.1f s", version, seconds)
         return LibsInfo(libs, seconds, fetched_now=True)
