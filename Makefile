@@ -19,11 +19,11 @@ PYTEST_ARGS ?=
 # fresh clone's lock file is newer than the stamp, and must not trigger a reinstall (order-only).
 # A half-built environment (no stamp) is removed first: `python -m venv` refuses a path that is a
 # symlink or a leftover file, and pip would otherwise build on whatever a failed run left.
+# --require-hashes: every package, pip and setuptools included, must match a SHA-256 in the lock.
 $(STAMP): | $(LOCK)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet -r $(LOCK)
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
 	touch $(STAMP)
 
 # The project itself is installed editable on every run: cheap, and it follows this checkout.
@@ -47,9 +47,12 @@ integration: install
 demo: install
 	$(BIN)/recloop demo
 
+# A hashed lock: pip-compile resolves the project's dependencies afresh and records every file's
+# SHA-256, pip and setuptools included (--allow-unsafe), as --require-hashes needs.
 lock:
-	$(PYTHON) -m venv $(CACHE)/venv-lock && $(CACHE)/venv-lock/bin/pip install -e '.[dev]' \
-	  && $(CACHE)/venv-lock/bin/pip freeze --exclude-editable > $(LOCK)
+	$(PYTHON) -m venv $(CACHE)/venv-lock && $(CACHE)/venv-lock/bin/pip install --quiet pip-tools
+	$(CACHE)/venv-lock/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	  --no-annotate --extra dev -o $(LOCK) pyproject.toml
 
 clean-venv:
 	rm -rf $(VENV)
