@@ -48,11 +48,11 @@ demo: install
 	$(BIN)/recloop demo
 
 # A hashed lock: pip-compile resolves the project's dependencies afresh and records every file's
-# SHA-256, pip and setuptools included (--allow-unsafe), as --require-hashes needs.
+# SHA-256, setuptools included (--allow-unsafe), as --require-hashes needs.
 lock:
 	$(PYTHON) -m venv $(CACHE)/venv-lock && $(CACHE)/venv-lock/bin/pip install --quiet pip-tools
 	$(CACHE)/venv-lock/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
-	  --no-annotate --extra dev -o $(LOCK) pyproject.toml
+	  --no-annotate --no-emit-find-links --extra dev -o $(LOCK) pyproject.toml
 
 clean-venv:
 	rm -rf $(VENV)
