@@ -30,6 +30,20 @@ before the handler sees it and acked (``ack``) after the handler returned, so
   is unacked) before it gives partitions away;
 - a handler that raises acks nothing; the error stops the worker like a crashing agent.
 
+**The stalled-commit guard.** faust commits a partition up to the first hole in its acked
+offsets, and only once the hole's offsets are acked. After a broker outage the chaos run met
+partitions whose commits stopped for good while their records went on being folded: offsets
+between the committed one and the lowest acked one had been delivered, yet never entered the
+acked bookkeeping (or left it in a commit that did not land), so nothing would ever fill the
+hole. ``stalled_partitions`` states the rule that tells such a hole from one still being
+filled: the fetch loop has already *delivered past* the hole (``read offset >= lowest
+acked``), so those offsets are not coming again, and this has held on two checks
+``STALL_CHECK_S`` apart, across several commits (a hole the gap bookkeeping covers is closed by
+the next commit). The loop then forgets that partition's acked offsets and seeks it back to
+its committed offset: its records from there are delivered again and acked, commits move on. Re-delivery is what
+at-least-once allows, and what the worker meets after any restart: the fold takes a record it
+has already applied as a duplicate. Each re-read is logged, with the offsets.
+
 The private names it needs, and why:
 
 - ``Consumer._drain_messages(fetcher)`` (faust): the fetch loop itself. faust's ``Fetcher``
@@ -43,6 +57,10 @@ The private names it needs, and why:
   (compaction, transaction markers) as acked, or commits would stall at the hole.
 - ``Consumer._commit_every`` and ``Consumer._n_acked`` (faust): the count-based commit
   (``broker_commit_every``) that faust's loop runs; ``ack`` counts into ``_n_acked``.
+- ``Consumer._acked``, ``Consumer._acked_index`` and ``Consumer._committed_offset`` (faust):
+  the acked offsets (a list and a set) and the offset last committed, per topic-partition.
+  The stalled-commit guard reads them, and empties a stalled partition's acked offsets before
+  ``Consumer.seek`` (public) moves it back, so that its re-delivered records are acked afresh.
 - ``Service._stopped`` (mode, faust's service library) on the consumer and on the fetcher:
   the loop's stop condition, exactly as faust's loop tests it.
 
@@ -72,6 +90,8 @@ and the store keeps the decoded state (recovery fills it with the changelog's by
 from __future__ import annotations
 
 import importlib
+import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from importlib import metadata
 from typing import Any, Literal, NamedTuple
@@ -117,6 +137,10 @@ RELIED_ON: tuple[Reliance, ...] = (
     Reliance(_CONSUMER, "_read_offset", "instance"),
     Reliance(_CONSUMER, "_add_gap", "class"),
     Reliance(_CONSUMER, "_commit_every", "instance"),
+    Reliance(_CONSUMER, "_acked", "instance"),
+    Reliance(_CONSUMER, "_acked_index", "instance"),
+    Reliance(_CONSUMER, "_committed_offset", "instance"),
+    Reliance(_CONSUMER, "seek", "class"),
     Reliance(_CONSUMER, "_n_acked", "class"),
     Reliance(_CONSUMER, "_stopped", "instance"),
     Reliance(_FETCHER, "_stopped", "instance"),
@@ -182,8 +206,39 @@ def check_versions(installed: Mapping[str, str | None] | None = None) -> None:
 
 check_versions()
 
+log = logging.getLogger(__name__)
+
 
 # --- Batch delivery ------------------------------------------------------------------------
+
+STALL_CHECK_S = 10.0
+"""How often the fetch loop looks for stalled commits; a partition is re-read once it was
+stalled on two checks in a row (the commit timer runs every ~3 s in between)."""
+
+
+def stalled_partitions(
+    acked: Mapping[Any, list[int]],
+    committed: Mapping[Any, int | None],
+    read: Mapping[Any, int | None],
+) -> dict[Any, tuple[int, int]]:
+    """The partitions whose commits cannot move any more: ``{tp: (committed, lowest acked)}``.
+
+    A partition is stalled when its lowest acked offset lies more than one past its committed
+    offset (faust's commit waits for the hole between them to be acked) and the fetch loop has
+    already delivered that lowest acked offset or later, so the hole's offsets are not coming
+    again. A partition with nothing acked, nothing committed or nothing delivered yet is not.
+    """
+    stalled = {}
+    for tp, offsets in acked.items():
+        low = min(offsets, default=None)
+        done = committed.get(tp)
+        last = read.get(tp)
+        if low is None or done is None or last is None:
+            continue
+        if low - done > 1 and last >= low:
+            stalled[tp] = (done, low)
+    return stalled
+
 
 BatchHandler = Callable[[list[Any]], Awaitable[None]]
 """Takes a list of faust ``Message``s (``topic``, ``partition``, ``offset``, ``key``,
@@ -203,6 +258,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
         acks_enabled_for = self.app.topics.acks_enabled_for
         stopping = self._stopped.is_set
         fetcher_stopping = fetcher._stopped.is_set
+        suspects: dict[Any, tuple[int, int]] = {}
+        checked_at = time.monotonic()
         while not (stopping() or fetcher_stopping()):
             # Give the loop a turn between fetches, as faust does: getmany may return at once.
             await self.sleep(0)
@@ -235,6 +292,32 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if commit_every is not None and self._n_acked >= commit_every:
                 self._n_acked = 0
                 await self.commit()
+            if time.monotonic() - checked_at >= STALL_CHECK_S:
+                checked_at = time.monotonic()
+                suspects = await self._reread_stalled(suspects)
+
+    async def _reread_stalled(
+        self, suspects: dict[Any, tuple[int, int]]
+    ) -> dict[Any, tuple[int, int]]:
+        """Seek back each batch partition stalled now and, with the same hole, at the last
+        check; return the ones stalled now for the next check."""
+        acked = {
+            tp: offsets for tp, offsets in self._acked.items() if tp.topic in self.batch_handlers
+        }
+        stalled = stalled_partitions(acked, self._committed_offset, self._read_offset)
+        for tp, (done, low) in stalled.items():
+            if suspects.get(tp) != (done, low):
+                continue
+            log.warning(
+                "streams: commits on %s[%d] stalled at offset %d: offsets up to %d were "
+                "delivered but never acked; reading the partition again from %d",
+                tp.topic, tp.partition, done, low - 1, done,
+            )  # fmt: skip
+            # Forget what was acked above the hole: it is delivered and acked again.
+            self._acked[tp].clear()
+            self._acked_index[tp].clear()
+            await self.seek(tp, done)
+        return stalled
 
 
 def merge_by_handler(

@@ -54,7 +54,11 @@ class Workers:
         self.tmp_path = tmp_path
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, settings: Settings, app_id: str, name: str) -> subprocess.Popen:
+    def start(
+        self, settings: Settings, app_id: str, name: str, entry: tuple[str, ...] = ("-m", "recloop")
+    ) -> subprocess.Popen:
+        """Start a worker; ``entry`` is what runs ``recloop``'s command line (a test's own
+        ``-c`` prelude may put a fault into the worker before it calls ``recloop.cli.main``)."""
         env = {
             **os.environ,
             "RECLOOP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
@@ -64,7 +68,7 @@ class Workers:
         }
         log = open(self.tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         cmd = [
-            sys.executable, "-m", "recloop", "streams", "--no-create",  # the fixture made them
+            sys.executable, *entry, "streams", "--no-create",  # the fixture made them
             "--app-id", app_id, "--data-dir", str(self.tmp_path / name),
             "--batch-within", "0.02",
             "--session-timeout", "1e9",  # synthetic timestamps are years old

@@ -105,3 +105,15 @@ def test_importing_the_module_under_an_untested_aiokafka_refuses(monkeypatch):
     assert "installed: faust-streaming 0.15.3, mode-streaming 0.7.1, aiokafka 0.15.0" in message
     assert "aiokafka 0.14.0" in message
     assert not hasattr(probe, "BatchConsumer")  # refused before anything relies on internals
+
+
+def test_a_hole_the_fetch_loop_delivered_past_is_a_stall():
+    from recloop.streams.faust_internals import stalled_partitions
+
+    acked = {"a": [12, 13, 14], "b": [12, 13], "c": [6, 7], "d": [], "e": [9]}
+    committed = {"a": 5, "b": 5, "c": 5, "d": 5, "e": None}
+    read = {"a": 14, "b": 11, "c": 7, "d": 20, "e": 9}
+    # a: delivered up to 14, acked from 12, committed 5: offsets 5..11 will never be acked.
+    # b: the hole is still being re-delivered (read 11 < lowest acked 12): not stalled yet.
+    # c: acked from 6 after committed 5: the next commit moves on. d, e: nothing to judge.
+    assert stalled_partitions(acked, committed, read) == {"a": (5, 12)}
