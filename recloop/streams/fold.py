@@ -35,14 +35,6 @@ or a session was expired first. The rules that make it so:
   Buffered feedback that contradicts its slate when that comes, or whose session ended
   without its slate, stays in the buffer until the caller takes it, with the reason, from
   ``take_rejected`` and dead-letters it;
-- the state stays small whatever the records hold (``FoldConfig.max_state_bytes``, well under
-  the 1,000,000 bytes a Kafka record may take). A slate is held (pending or parked) only if
-  its ids have at most ``id_chars`` characters and its integers fit in 64 bits; the fold
-  bounds what it takes encoded (``held_bytes``: every number at its longest, 25 bytes, every
-  character escaped, 6) and refuses it with ``BufferFull`` when that exceeds ``slate_bytes``
-  or takes the held slates past ``held_slates_bytes``. Feedback is buffered only if it takes
-  at most ``feedback_bytes`` encoded. The counts above cap the rest, so an encoded state
-  never passes ``max_state_bytes``: the sum of those bounds;
 - it is idempotent: a repeated slate, a repeated impression or click, or an event of a
   finished session changes nothing. Repeats are recognised by what they are (the slate's
   request or a step already emitted, the impressed position, the click of a slate), not by
@@ -66,7 +58,6 @@ from typing import Any
 
 import msgspec
 
-from recloop.core import codec
 from recloop.core.events import (
     Click,
     Feedback,
@@ -87,9 +78,7 @@ class FoldConfig:
 
     The buffers are sized for a backlog: a whole session's feedback (an interest-evolution
     session is 60-90 slates, ~300 feedback records of ~215 bytes) can wait for its slates,
-    while a full state stays under ``max_state_bytes`` (859,112 bytes at these defaults),
-    below the 1,000,000 bytes a record may take on the wire (aiokafka's default, under the
-    broker's 1,048,588).
+    while a full state stays well under the 512 KiB a state record may take on the wire.
     """
 
     history_len: int = 10
@@ -98,29 +87,12 @@ class FoldConfig:
     """How many of the session's answered slates are remembered, so their repeats are dropped."""
     past_sessions: int = 8
     """How many finished session ids are remembered, so their late events are dropped."""
-    early_feedback: int = 512
+    early_feedback: int = 1024
     """Most feedback records buffered while waiting for their slate; one more is refused
     (``BufferFull``)."""
     parked_slates: int = 64
     """Most slates of a user's later sessions parked while the current one is still open;
     one more is refused (``BufferFull``)."""
-    feedback_bytes: int = 512
-    """Most bytes a buffered feedback record may take encoded (a usual one takes ~215)."""
-    id_chars: int = 64
-    """Most characters of each id (user, session, request, policy) of a slate the fold holds."""
-    slate_bytes: int = 64 * 1024
-    """Most bytes one held slate may take, as ``held_bytes`` bounds it."""
-    held_slates_bytes: int = 320 * 1024
-    """Most bytes the held slates (pending and parked) may take together, by ``held_bytes``."""
-
-    @property
-    def max_state_bytes(self) -> int:
-        """What an encoded state can take at most under these limits: the held slates, two
-        views whose observation came from a slate, the buffered feedback, and the session
-        and request ids remembered (each no longer than a feedback record), plus the rest."""
-        views = 2 * (self.slate_bytes + 2 * _NUMBER_BYTES * self.history_len)
-        remembered = self.early_feedback + self.done_requests + self.past_sessions + 2
-        return self.held_slates_bytes + views + remembered * self.feedback_bytes + _FIXED_BYTES
 
 
 # The fold's state is the contract's SessionState (it carries ``parked`` slates too).
@@ -134,13 +106,6 @@ class InvalidEvent(ValueError):
 class BufferFull(InvalidEvent):
     """The event would have to wait in a buffer that is full; it is refused, state unchanged."""
 
-
-# Upper bounds of JSON lengths: a float or 64-bit integer and its comma; a character escaped
-# (\u001f); the keys and scalar fields of a slate or a state.
-_NUMBER_BYTES = 25
-_CHAR_BYTES = 6
-_FIXED_BYTES = 1024
-_INT64 = 1 << 63
 
 DEFAULT = FoldConfig()
 
@@ -274,52 +239,7 @@ def _park(
             f"slates of later sessions already wait for user {state.user_id}'s session "
             f"{state.session_id} to end (parked_slates={config.parked_slates})"
         )
-    _check_holdable(state, slate, config)
     return _replace(state, parked=[*parked, slate]), []
-
-
-def held_bytes(slate: SlateServed | PendingSlate) -> int:
-    """An upper bound of what ``slate`` takes encoded, held (pending or parked) in a state,
-    for a slate whose integers fit in 64 bits (module rules)."""
-    features = slate.candidate_features
-    numbers = (
-        2 * len(slate.items)  # and the impressed positions
-        + len(slate.propensities)
-        + len(getattr(slate, "scores", ()))
-        + len(slate.candidates)
-        + len(slate.observation)
-        + len(features)
-        + sum(map(len, features))
-    )
-    chars = len(slate.request_id) + len(slate.policy)
-    if type(slate) is SlateServed:
-        chars += len(slate.user_id) + len(slate.session_id)
-    return _FIXED_BYTES + _NUMBER_BYTES * numbers + _CHAR_BYTES * chars
-
-
-def _check_holdable(state: FoldState, slate: SlateServed, config: FoldConfig) -> None:
-    """Raise ``InvalidEvent`` (``BufferFull`` for its size) unless ``state`` may hold ``slate``."""
-    name = f"SlateServed {slate.request_id[:64]!r}"
-    ids = (slate.request_id, slate.user_id, slate.session_id, slate.policy)
-    if max(map(len, ids)) > config.id_chars:
-        raise InvalidEvent(f"{name}: an id is longer than id_chars={config.id_chars}")
-    ints = (*slate.items, *slate.candidates) if slate.candidates else slate.items
-    if ints and not (min(ints) >= -_INT64 and max(ints) < _INT64):
-        raise InvalidEvent(f"{name}: an item id does not fit in 64 bits")
-    if not (slate.step < _INT64 and slate.policy_version < _INT64):
-        raise InvalidEvent(f"{name}: step or policy_version does not fit in 64 bits")
-    size = held_bytes(slate)
-    if size > config.slate_bytes:
-        raise BufferFull(f"{name}: takes up to {size} bytes (slate_bytes={config.slate_bytes})")
-    held: list[SlateServed | PendingSlate] = [*state.pending, *state.parked]
-    if (len(held) + 1) * config.slate_bytes <= config.held_slates_bytes:
-        return  # cannot be over, whatever the held slates hold: spare the sum
-    total = size + sum(map(held_bytes, held))
-    if total > config.held_slates_bytes:
-        raise BufferFull(
-            f"{name}: user {state.user_id}'s {len(held)} held slates and this one take up to "
-            f"{total} bytes (held_slates_bytes={config.held_slates_bytes})"
-        )
 
 
 def _start_session(state: FoldState, session_id: str) -> FoldState:
@@ -363,12 +283,6 @@ def _buffer(state: FoldState, event: Feedback, config: FoldConfig) -> FoldState:
             f"already wait for their slates for user {state.user_id} "
             f"(early_feedback={config.early_feedback})"
         )
-    size = len(codec.encode(event))
-    if size > config.feedback_bytes:
-        raise BufferFull(
-            f"{type(event).__name__} {event.event_id[:64]!r}: takes {size} bytes, too many to "
-            f"wait for its slate (feedback_bytes={config.feedback_bytes})"
-        )
     last_ts = state.last_event_ts
     if event.session_id == state.session_id and event.ts > last_ts:
         last_ts = event.ts
@@ -385,7 +299,6 @@ def _apply_slate(
         or any(p.request_id == request_id for p in state.pending)
     ):
         return state, []  # a repeat (the simulator retries requests that went unanswered)
-    _check_holdable(state, slate, config)
     pending = PendingSlate(
         request_id=request_id,
         step=slate.step,
