@@ -251,6 +251,9 @@ class PolicyPublished(Record, frozen=True, kw_only=True):
     created_ts: Finite
     transitions_applied: NonNegInt = 0
     metrics: dict[str, Finite] = {}
+    signature: str = ""
+    """The learner's HMAC-SHA256 of the announcement (``recloop.core.snapshot``), hex; empty
+    when the learner has no snapshot key."""
 
 
 class EpisodeOutcome(Record, frozen=True, kw_only=True):
