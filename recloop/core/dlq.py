@@ -2,6 +2,10 @@
 
 A record that cannot be decoded goes, unchanged, to ``<topic>.dlq`` with the original key
 and these headers, so an operator can see why and replay it once fixed.
+
+A record too large to decode (over ``MAX_RECORD_BYTES``), or one whose whole dead letter the
+broker refuses, goes as its first ``TRUNCATED_BYTES`` bytes instead, with its original size
+in ``HEADER_ORIGINAL_SIZE`` (``truncated``): a dead letter can always be written.
 """
 
 from __future__ import annotations
@@ -11,19 +15,42 @@ HEADER_TOPIC = "recloop.dlq.source_topic"
 HEADER_PARTITION = "recloop.dlq.source_partition"
 HEADER_OFFSET = "recloop.dlq.source_offset"
 HEADER_CONSUMER = "recloop.dlq.consumer"
+HEADER_ORIGINAL_SIZE = "recloop.dlq.original_size"
+"""Present only on a truncated dead letter: the source value's size in bytes."""
+
+MAX_RECORD_BYTES = 900_000
+"""The largest record value any recloop consumer decodes; a larger one is dead-lettered
+truncated, undecoded. It lies below librdkafka's default ``message.max.bytes`` (1,000,000)
+so that an untruncated dead letter of an accepted record, headers included, still fits."""
+TRUNCATED_BYTES = 65_536
+"""How much of a record a truncated dead letter keeps."""
 
 
 def dlq_headers(
-    error: str, topic: str, partition: int, offset: int, consumer: str
+    error: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    consumer: str,
+    original_size: int | None = None,
 ) -> list[tuple[str, bytes]]:
-    """Headers for a dead-lettered record; values are UTF-8 bytes as Kafka stores them."""
-    return [
+    """Headers for a dead-lettered record; values are UTF-8 bytes as Kafka stores them.
+    ``original_size`` marks a truncated dead letter."""
+    headers = [
         (HEADER_ERROR, error.encode("utf-8", "replace")[:4000]),
-        (HEADER_TOPIC, topic.encode()),
+        (HEADER_TOPIC, topic.encode("utf-8", "replace")[:1000]),
         (HEADER_PARTITION, str(partition).encode()),
         (HEADER_OFFSET, str(offset).encode()),
-        (HEADER_CONSUMER, consumer.encode()),
+        (HEADER_CONSUMER, consumer.encode("utf-8", "replace")[:1000]),
     ]
+    if original_size is not None:
+        headers.append((HEADER_ORIGINAL_SIZE, str(original_size).encode()))
+    return headers
+
+
+def truncated(value: bytes, keep: int = TRUNCATED_BYTES) -> bytes:
+    """The part of ``value`` a truncated dead letter carries (its size goes in a header)."""
+    return bytes(value[:keep])
 
 
 def parse_headers(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
