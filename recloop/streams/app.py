@@ -36,6 +36,15 @@ Why it looks the way it does:
 - faust's and aiokafka's internals (batch delivery, the producer's record batches, writing
   the table's store without a changelog record per write) are used only through
   ``streams.faust_internals``, which refuses library versions it was not checked against.
+- No record can stop the worker (``streams.batch``): one over ``core.dlq.MAX_RECORD_BYTES`` is
+  dead-lettered undecoded, and any exception decoding or folding a record dead-letters that
+  record alone, with the exception as its reason. A dead letter the producer or the broker
+  refuses for its size is sent again truncated (``core.dlq.truncated``, with the original
+  size in a header); any other failure to deliver one stops the worker before its record is
+  acked, so no commit passes a record that was neither folded nor dead-lettered.
+- The producer's request limit and the consumer's fetch limit line up with the broker's
+  ``message.max.bytes`` (``BROKER_MESSAGE_MAX_BYTES``): a record the broker accepted is always
+  fetched, and any accepted record's dead letter fits.
 - No standby replicas: the expiry sweep must only see partitions this worker owns.
 - The sweep cannot know a session went quiet while it was not watching: the session's next
   records may still be in the backlog, or held by producers through a broker outage. So
@@ -66,11 +75,9 @@ from typing import Any, Protocol
 import faust
 
 from recloop.core import codec
-from recloop.core.dlq import dlq_headers
 from recloop.core.settings import Settings
-from recloop.core.topics import DLQ_SUFFIX
 from recloop.streams import fold
-from recloop.streams.batch import BatchFolder, BatchResult, RawRecord, as_state, decode_state
+from recloop.streams.batch import BatchFolder, BatchResult, RawRecord, decode_state
 from recloop.streams.broker_watch import PROBE_INTERVAL_S, BrokerWatch
 from recloop.streams.faust_internals import (
     aiokafka_producer,
@@ -78,12 +85,19 @@ from recloop.streams.faust_internals import (
     table_store,
 )
 from recloop.streams.fold import FoldConfig, FoldState
-from recloop.streams.sender import BatchSender, send_transitions_then_states
+from recloop.streams.sender import BatchSender, DeadLetters, send_transitions_then_states
 
 log = logging.getLogger(__name__)
 
 CONSUMER_NAME = "streams"
 TABLE_NAME = "sessions"
+
+BROKER_MESSAGE_MAX_BYTES = 1_048_588
+"""The broker's ``message.max.bytes``, the largest record batch it accepts: Kafka's default,
+kept by recloop's local broker. The worker's producer may send requests this large and its
+consumer fetches this much per partition, so a record the broker took is always fetched and
+the dead letter of any record the worker decodes (at most ``core.dlq.MAX_RECORD_BYTES``)
+fits."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +151,8 @@ class KafkaSink:
     flushes the producer before it commits offsets, so no offset is committed before its
     states are on the broker either. A failed state delivery is kept and raised by
     ``check``; a failed transition or dead-letter delivery raises from ``flush``.
+
+    Dead letters go whole, or truncated when too large (``streams.sender.DeadLetters``).
     """
 
     def __init__(self, app: faust.App, settings: Settings) -> None:
@@ -146,7 +162,13 @@ class KafkaSink:
         self._transitions_topic = topics.transitions
         self._states = BatchSender()
         self._transitions = BatchSender()
-        self._dead_letters: list[asyncio.Future] = []
+        self._dead_letters = DeadLetters(
+            lambda topic, key, value, headers: app.producer.send(
+                topic, key, value, None, None, headers
+            ),
+            app.conf.producer_max_request_size,
+            CONSUMER_NAME,
+        )
         self.error: BaseException | None = None
 
     def _on_delivery(self, fut: asyncio.Future) -> None:
@@ -165,20 +187,17 @@ class KafkaSink:
         self._transitions.add(self._transitions_topic, partition, key, value)
 
     async def flush(self) -> None:
-        dead_letters, self._dead_letters = self._dead_letters, []
         deliveries = await send_transitions_then_states(
-            aiokafka_producer(self._app), self._transitions, self._states, dead_letters
+            aiokafka_producer(self._app),
+            self._transitions,
+            self._states,
+            self._dead_letters.take(),
         )
         for delivery in deliveries:
             delivery.add_done_callback(self._on_delivery)
 
     async def dead_letter(self, record: RawRecord, error: str) -> None:
-        headers = dlq_headers(error, record.topic, record.partition, record.offset, CONSUMER_NAME)
-        topic = f"{record.topic}{DLQ_SUFFIX}"
-        delivery = await self._app.producer.send(
-            topic, record.key, record.value, None, None, headers
-        )
-        self._dead_letters.append(asyncio.ensure_future(delivery))
+        await self._dead_letters.send(record, error)
 
 
 def _raw_schema() -> faust.Schema:
@@ -225,7 +244,9 @@ class StreamsApp:
             on_changelog_event=self._on_changelog_event,
         )
         self.source = self.app.topic(topics.slates, topics.feedback, schema=_raw_schema())
-        self.folder = BatchFolder(topics.slates, topics.feedback, config.fold)
+        self.folder = BatchFolder(
+            topics.slates, topics.feedback, config.fold, state_topic=topics.session_state
+        )
         self.sink: Sink = sink or KafkaSink(self.app, settings)
         # Open sessions this worker may have to expire: key -> (partition, last event ts).
         self.open_sessions: dict[bytes, tuple[int, float]] = {}
@@ -269,6 +290,10 @@ class StreamsApp:
                 await sink.state(key, partition, raw)
                 data[key] = state  # decoded: the next batch needn't decode it again
                 self._track(key, partition, state)
+            for key in result.unreadable - result.states.keys():
+                # Dead-lettered once: the user counts as absent from now on.
+                data.pop(key, None)
+                self.open_sessions.pop(key, None)
             # Dead letters first: flush holds the states back until they are on the broker.
             for record, error in result.rejects:
                 await sink.dead_letter(record, error)
@@ -291,11 +316,22 @@ class StreamsApp:
 
     async def _on_changelog_event(self, event: Any) -> None:
         # Recovery replays the changelog into the table; remember which sessions are open.
+        # A value that does not decode is not an open session; the first batch with a record
+        # of that user dead-letters it (``BatchFolder.load_state``). Recovery must not stop.
         message = event.message
         if message.value is None:
             self.open_sessions.pop(message.key, None)
             return
-        self._track(message.key, message.partition, decode_state(message.value))
+        try:
+            state = decode_state(message.value)
+        except Exception as exc:
+            log.warning(
+                "streams: a stored state of %r on %s[%d]@%d does not decode: %s",
+                message.key, message.topic, message.partition, message.offset, exc,
+            )  # fmt: skip
+            self.open_sessions.pop(message.key, None)
+            return
+        self._track(message.key, message.partition, state)
 
     def watch(self, partitions: set[int], now: float) -> None:
         """This worker owns ``partitions`` now: the new ones are watched from ``now``, the ones
@@ -335,7 +371,8 @@ class StreamsApp:
         owned = self.owned_partitions() if owned is None else owned
         since = self.watching_since
         ended = 0
-        rejects: list[tuple[RawRecord, str]] = []
+        scratch = BatchResult()  # the stored states that do not decode, dead-lettered too
+        rejects = scratch.rejects
         async with self._lock:
             store = table_store(self.table)
             for key, (partition, last_ts) in list(self.open_sessions.items()):
@@ -344,8 +381,10 @@ class StreamsApp:
                     or now - max(last_ts, since.get(partition, 0.0)) < timeout
                 ):
                     continue
-                stored = as_state(store.get(key))
+                stored = self.folder.load_state(key, partition, store.get(key), scratch)
                 if stored is None:
+                    if key in scratch.unreadable:
+                        store.pop(key, None)
                     self.open_sessions.pop(key, None)
                     continue
                 self.counts["unanswered"] += fold.unanswered(stored)
@@ -395,6 +434,11 @@ def _faust_options(settings: Settings, config: StreamsConfig) -> dict[str, Any]:
         # Whole record batches per topic-partition (streams.sender): a folded batch's states
         # fill few of them. Half the broker's default 1 MiB message limit.
         "producer_max_batch_size": 512 * 1024,
+        # In line with the broker's limit (faust's defaults: 1,000,000 and 1 MiB, both below
+        # it): any record the broker accepted is fetched, any accepted record's dead letter
+        # may be sent. aiokafka's fetch_max_bytes (50 MiB) already lies above.
+        "producer_max_request_size": BROKER_MESSAGE_MAX_BYTES,
+        "consumer_max_fetch_size": BROKER_MESSAGE_MAX_BYTES,
     }
     credentials = _credentials(settings)
     if credentials is not None:

@@ -150,9 +150,11 @@ def test_malformed_and_contradicting_records_are_dead_lettered_and_the_rest_flow
     streams, sink = make_app(tmp_path)
     good = [(e.user_id.encode(), codec.encode(e), 0) for e in events]
     first_slate = events[0]
+    # A valid item id (the contract bounds them), just not one this slate showed.
+    not_shown = next(i for i in range(100) if i not in first_slate.items)
     wrong_click = Click(
         event_id="bad-click", user_id=first_slate.user_id, session_id=first_slate.session_id,
-        request_id=first_slate.request_id, item=-5, position=0, reward=1.0, ts=1.0,
+        request_id=first_slate.request_id, item=not_shown, position=0, reward=1.0, ts=1.0,
     )  # fmt: skip
     bad = [
         (b"u0", b"{not json", 0),
