@@ -35,11 +35,11 @@ import faiss
 import msgspec
 import numpy as np
 
-from recloop.core import codec
+from recloop.core import codec, snapshot_auth
 from recloop.core.events import PolicyPublished, RecRequest
 from recloop.core.ports import Slate
 from recloop.core.settings import Settings
-from recloop.core.snapshot import write_snapshot
+from recloop.core.snapshot import announced_path, write_snapshot
 
 POLICY = "bench"
 
@@ -230,18 +230,20 @@ def _announce(settings: Settings, root: Path, emb_ND: np.ndarray):
     manifest = {"algorithm": "dot", "config": {}, "metrics": {}, "consumed_offsets": {},
                 "transitions_applied": 0}  # fmt: skip
     ref = write_snapshot(root, POLICY, 1, {"item_embeddings_ND": emb_ND}, manifest)
-    published = PolicyPublished(
-        policy=POLICY, algorithm="dot", version=1, path=str(ref.path),
+    # Named relative to the root and signed as the learner does, so the service admits it.
+    published = snapshot_auth.sign(PolicyPublished(
+        policy=POLICY, algorithm="dot", version=1, path=announced_path(root, ref.path),
         weights_sha256=ref.weights_sha256, manifest_sha256=ref.manifest_sha256,
         created_ts=ref.created_ts,
-    )  # fmt: skip
+    ), settings.snapshot_key)  # fmt: skip
     producer = make_producer(settings)
     producer.produce(settings.topics.snapshots, key=POLICY.encode(), value=codec.encode(published))
     producer.flush(30)
     return published
 
 
-def _compute_only(bench: BenchConfig, published: PolicyPublished, emb_ND, obs_UD) -> dict:
+def _compute_only(bench: BenchConfig, settings: Settings, published: PolicyPublished, emb_ND,
+                  obs_UD) -> dict:  # fmt: skip
     """Time the serving core and a raw faiss search of the same index, in this process."""
     from recloop.serving.host import PolicyHost
     from recloop.serving.server import SlateServer
@@ -249,7 +251,8 @@ def _compute_only(bench: BenchConfig, published: PolicyPublished, emb_ND, obs_UD
 
     faiss.omp_set_num_threads(1)  # as the service runs it
     host = PolicyHost([POLICY])
-    installer = SnapshotInstaller(host, load_dot_policy, index_kind=bench.index_kind)
+    installer = SnapshotInstaller(host, load_dot_policy, settings.resolved_snapshot_dir,
+                                  bench.index_kind, key=settings.snapshot_key)  # fmt: skip
     result = installer.install(published)
     assert result.status == "swapped", result
     server = SlateServer(_config(bench), host, item_features=lambda ids: emb_ND[ids])
@@ -338,7 +341,7 @@ def _measure(bench: BenchConfig, settings: Settings, settings_kwargs: dict, work
     versions = sorted({arrivals[r][1] for r in sent if r in arrivals})
     sizes = [arrivals[r][2] for r in sent if r in arrivals]
     e2e = _percentiles_ms(latencies)
-    local = _compute_only(bench, published, emb_ND, obs_UD)
+    local = _compute_only(bench, settings, published, emb_ND, obs_UD)
     return {
         "bench": "serve",
         "cpus": os.cpu_count(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recloop.core.topics import Topics
@@ -43,6 +43,14 @@ class Settings(BaseSettings):
     )
     home: Path = Field(default_factory=default_home)
     snapshot_dir: Path | None = None
+    snapshot_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 key the learner signs snapshot announcements with and every "
+        "reader checks them against (recloop.core.snapshot_auth); unset: not authenticated",
+    )
+    snapshot_max_weights_bytes: int = Field(
+        default=1 << 30, ge=1, description="largest weights.safetensors a reader accepts"
+    )
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables the endpoint")
     metrics_host: str = "127.0.0.1"
 

@@ -18,6 +18,21 @@ safetensors are data-only formats.
 A damaged directory is never repaired or removed here: it still holds its version number
 (``snapshot_versions`` lists it), so no later snapshot can be written under that number.
 Readers skip to an older one (the learner on resume, serving on a refused announcement).
+
+Nothing read here is trusted (anyone who can write to ``policy.snapshots`` chooses the
+announced path):
+
+- ``resolve_announced`` accepts only a relative path of plain names under the snapshot root:
+  no absolute path, no ``..``, no component that is a symlink, nothing that resolves outside
+  the root. Every refusal that depends on the file system has the same text, so a refusal
+  never tells whether something outside the root exists.
+- Both files are opened without following a symlink and without blocking (a FIFO cannot stall
+  the reader), must be regular files, and are read only up to a cap (``MAX_MANIFEST_BYTES``;
+  the weights' cap is the caller's, ``DEFAULT_MAX_WEIGHTS_BYTES`` unless told).
+- Any failure to parse a manifest, of whatever kind (bad UTF-8, bad JSON, nesting deep
+  enough for ``RecursionError``, a field of the wrong type), is a ``SnapshotError``.
+
+Who may announce is ``recloop.core.snapshot_auth``'s business (the learner's HMAC).
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +60,15 @@ MANIFEST_FILE = "manifest.json"
 REQUIRED_KEYS = ("algorithm", "config", "metrics", "consumed_offsets", "transitions_applied")
 WRITER_KEYS = ("format", "policy", "version", "created_ts", "weights_sha256")
 
+MAX_MANIFEST_BYTES = 1 << 20
+"""Largest ``manifest.json`` read (1 MiB; the learner's are a few kB)."""
+DEFAULT_MAX_WEIGHTS_BYTES = 1 << 30
+"""Largest ``weights.safetensors`` read unless the caller says otherwise (1 GiB)."""
+REFUSED_PATH = "is not a snapshot directory under the snapshot root"
+"""The one refusal text for an announced path that is missing, outside the root or reached
+through a symlink, so a refusal reveals nothing about what exists outside the root."""
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _POLICY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _VERSION_DIR_RE = re.compile(r"^v(\d{8,})$")
 
@@ -96,20 +121,61 @@ def snapshot_dir(root: Path, policy: str, version: int) -> Path:
 
 def announced_path(root: Path, path: Path) -> str:
     """How a snapshot directory is named in its ``PolicyPublished``: relative to the snapshot
-    root, so a process that mounts the root elsewhere (another container) still finds it;
-    absolute when it lies outside the root."""
+    root, so a process that mounts the root elsewhere (another container) still finds it.
+
+    Raises ``ValueError`` for a directory outside the root: no reader would accept it.
+    """
     try:
         return str(Path(path).resolve().relative_to(Path(root).resolve()))
     except ValueError:
-        return str(Path(path).resolve())
+        raise ValueError(f"snapshot {path} lies outside the snapshot root {root}") from None
 
 
 def resolve_announced(root: Path | None, announced: str) -> Path:
-    """The directory an announced path names: absolute as given, relative under ``root``."""
-    path = Path(announced)
-    if path.is_absolute() or root is None:
-        return path
-    return Path(root) / path
+    """The directory an announced path names under ``root``, or ``SnapshotError``.
+
+    ``announced`` must be relative, of plain names (no ``..``, no ``.``, no empty or NUL
+    component), and each component must be a real directory under the resolved root, not a
+    symlink. The root itself is configuration and may be reached through a symlink.
+    """
+    if root is None:
+        raise SnapshotError(f"announced path {announced!r}: no snapshot root is configured")
+    if not isinstance(announced, str) or not announced or "\0" in announced:
+        raise SnapshotError(f"announced path {announced!r} is not a relative path")
+    if announced.startswith(("/", "\\")) or Path(announced).is_absolute():
+        raise SnapshotError(f"announced path {announced!r} is absolute; only paths under the "
+                            "snapshot root are read")  # fmt: skip
+    parts = announced.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise SnapshotError(f"announced path {announced!r} has an empty, '.' or '..' component")
+    try:
+        base = Path(root).resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise SnapshotError(f"snapshot root {root} is not usable: {exc}") from exc
+    here = base
+    for part in parts:
+        here = here / part
+        try:
+            mode = os.lstat(here).st_mode
+        except (OSError, ValueError):
+            mode = 0
+        if not stat.S_ISDIR(mode):  # missing, a symlink, or not a directory: all alike
+            raise SnapshotError(f"announced path {announced!r} {REFUSED_PATH}")
+    return here
+
+
+def resolve_announcement(root: Path | None, policy: str, version: int, announced: str) -> Path:
+    """``resolve_announced`` for the announcement of ``policy`` v``version``: its path must
+    also be the one the learner names that snapshot by (``<policy>/v<version:08d>``), so an
+    announcement cannot pass one snapshot off as another version or policy."""
+    try:
+        expected = f"{policy}/{snapshot_dir(Path('.'), policy, version).name}"
+    except ValueError as exc:
+        raise SnapshotError(f"announcement of {policy!r} v{version}: {exc}") from exc
+    if announced != expected:
+        raise SnapshotError(f"announced path {announced!r} is not {expected!r}, where "
+                            f"{policy!r} v{version} lives")  # fmt: skip
+    return resolve_announced(root, announced)
 
 
 def write_snapshot(
@@ -166,15 +232,17 @@ def read_snapshot(
     path: Path,
     expected_weights_sha256: str | None = None,
     expected_manifest_sha256: str | None = None,
+    max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read and verify the snapshot in directory ``path``; return ``(tensors, manifest)``.
 
     The weights must always match the manifest's ``weights_sha256``; when the expected
     hashes are given (from recloop.storage or a ``PolicyPublished`` event) both files must match
-    them too. Any failure raises ``SnapshotError``.
+    them too. Both must be regular files within their caps. Any failure raises
+    ``SnapshotError``.
     """
     path = Path(path)
-    manifest_bytes = _read_file(path / MANIFEST_FILE)
+    manifest_bytes = _read_file(path / MANIFEST_FILE, MAX_MANIFEST_BYTES)
     manifest_sha = sha256_hex(manifest_bytes)
     if expected_manifest_sha256 is not None and manifest_sha != expected_manifest_sha256:
         raise SnapshotError(
@@ -183,7 +251,7 @@ def read_snapshot(
     manifest = _decode_manifest(manifest_bytes, path)
 
     # Hash and parse the same bytes, so the file cannot change between check and use.
-    weights = _read_file(path / WEIGHTS_FILE)
+    weights = _read_file(path / WEIGHTS_FILE, max_weights_bytes)
     weights_sha = sha256_hex(weights)
     for source, want in (
         ("manifest", manifest["weights_sha256"]),
@@ -201,7 +269,7 @@ def read_snapshot(
 def describe_snapshot(path: Path) -> SnapshotRef:
     """A reference to the snapshot in ``path`` from its manifest (the weights are not read)."""
     path = Path(path)
-    manifest_bytes = _read_file(path / MANIFEST_FILE)
+    manifest_bytes = _read_file(path / MANIFEST_FILE, MAX_MANIFEST_BYTES)
     manifest = _decode_manifest(manifest_bytes, path)
     return SnapshotRef(
         policy=str(manifest["policy"]),
@@ -300,29 +368,74 @@ def _encode_manifest(manifest: dict[str, Any]) -> bytes:
 
 
 def _decode_manifest(data: bytes, path: Path) -> dict[str, Any]:
+    where = path / MANIFEST_FILE
     try:
         manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SnapshotError(f"{path / MANIFEST_FILE}: not valid JSON: {exc}") from exc
+    except Exception as exc:  # RecursionError, UnicodeDecodeError, huge ints: all the same
+        raise SnapshotError(f"{where}: not valid JSON: {type(exc).__name__}: {exc}") from exc
     if not isinstance(manifest, dict):
-        raise SnapshotError(f"{path / MANIFEST_FILE}: expected a JSON object")
+        raise SnapshotError(f"{where}: expected a JSON object")
     if manifest.get("format") != FORMAT:
-        raise SnapshotError(
-            f"{path / MANIFEST_FILE}: format {manifest.get('format')!r}, expected {FORMAT!r}"
-        )
+        raise SnapshotError(f"{where}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     missing = [key for key in (*REQUIRED_KEYS, *WRITER_KEYS) if key not in manifest]
     if missing:
-        raise SnapshotError(f"{path / MANIFEST_FILE}: lacks keys {missing}")
+        raise SnapshotError(f"{where}: lacks keys {missing}")
+    wrong = [key for key, ok in _field_checks(manifest) if not ok]
+    if wrong:
+        raise SnapshotError(f"{where}: keys {wrong} have the wrong type")
     return manifest
 
 
-def _read_file(path: Path) -> bytes:
+def _field_checks(manifest: dict[str, Any]) -> list[tuple[str, bool]]:
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    ts = manifest["created_ts"]
+    sha = manifest["weights_sha256"]
+    return [
+        ("policy", isinstance(manifest["policy"], str)),
+        ("version", integer(manifest["version"])),
+        ("algorithm", isinstance(manifest["algorithm"], str)),
+        ("created_ts", isinstance(ts, int | float) and not isinstance(ts, bool)),
+        ("weights_sha256", isinstance(sha, str) and bool(_SHA256_RE.match(sha))),
+        ("transitions_applied", integer(manifest["transitions_applied"])),
+        ("config", isinstance(manifest["config"], dict)),
+        ("metrics", isinstance(manifest["metrics"], dict)),
+        ("consumed_offsets", isinstance(manifest["consumed_offsets"], dict)),
+    ]
+
+
+def _read_file(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``limit``), or ``SnapshotError``.
+
+    ``O_NOFOLLOW`` refuses a symlink, ``O_NONBLOCK`` keeps a FIFO from blocking the open, and
+    ``fstat`` on the open descriptor refuses anything but a regular file (FIFO, device,
+    socket, directory) before a byte is read.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        return path.read_bytes()
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as exc:
         raise SnapshotError(f"{path}: missing") from exc
+    except OSError as exc:  # ELOOP for a symlink
+        raise SnapshotError(f"{path}: not a regular file or unreadable: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SnapshotError(f"{path}: not a regular file")
+        if info.st_size > limit:
+            raise SnapshotError(f"{path}: {info.st_size} bytes, over the {limit}-byte cap")
+        chunks, total = [], 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:  # it grew while being read
+                raise SnapshotError(f"{path}: over the {limit}-byte cap")
+        return b"".join(chunks)
     except OSError as exc:
-        raise SnapshotError(f"{path}: unreadable: {exc}") from exc
+        raise SnapshotError(f"{path}: unreadable: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -5,11 +5,18 @@
 per-window aggregates, writes them to storage (``Outcome`` rows and ``Sample`` time series,
 which ``recloop report`` plots) and renders a rich table. It is an observer: a record it
 cannot decode is counted and skipped; the owning consumers dead-letter it.
+
+An announcement goes through the checks serving makes before the monitor believes it
+(``announced_version``): with a snapshot key its signature must verify; its hashes must be
+the ones storage recorded for that version when there is a row; its path must be the
+learner's name for it under the snapshot root, and the manifest read there (regular file,
+size cap) must have the announced hash. A remote deployment may not share the snapshot
+directory: then an authenticated or recorded announcement still counts (freshness unknown),
+anything else is refused and counted in ``refused``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import defaultdict
@@ -19,11 +26,11 @@ from datetime import UTC, datetime
 from confluent_kafka import Consumer, TopicPartition
 from rich.table import Table
 
-from recloop.core import codec
+from recloop.core import codec, snapshot_auth
 from recloop.core.codec import RecordDecodeError
 from recloop.core.events import EpisodeOutcome, PolicyPublished, SlateServed
 from recloop.core.settings import Settings
-from recloop.core.snapshot import SnapshotError, describe_snapshot, resolve_announced
+from recloop.core.snapshot import SnapshotError, describe_snapshot, resolve_announcement
 from recloop.kafka import lag as kafka_lag
 from recloop.storage.store import Outcome, Sample, Storage
 
@@ -100,6 +107,35 @@ class MonitorView:
     totals: dict[str, ArmWindow] = field(default_factory=lambda: defaultdict(ArmWindow))
 
 
+def announced_version(
+    published: PolicyPublished, settings: Settings, recorded: dict | None
+) -> VersionInfo:
+    """What the monitor learns from ``published`` once it passes serving's checks (see the
+    module docstring); ``recorded`` is storage's row of that version. Raises
+    ``SnapshotError`` for an announcement that is refused."""
+    authentic = snapshot_auth.verify(published, settings.snapshot_key)
+    if not authentic:
+        snapshot_auth.warn_unauthenticated("monitor")
+    known = snapshot_auth.check_recorded(published, recorded)
+    newest = None
+    try:
+        where = resolve_announcement(settings.resolved_snapshot_dir, published.policy,
+                                     published.version, published.path)  # fmt: skip
+        ref = describe_snapshot(where)
+        if ref.manifest_sha256 != published.manifest_sha256:
+            raise SnapshotError("the manifest's SHA-256 is not the announced one")
+        if (ref.policy, ref.version) != (published.policy, published.version):
+            raise SnapshotError("the manifest names another policy or version")
+        service = ref.manifest.get("service")
+        value = service.get("newest_event_ts") if isinstance(service, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool) and value:
+            newest = float(value)
+    except SnapshotError:
+        if not (authentic or known):
+            raise
+    return VersionInfo(published.created_ts, newest)
+
+
 def majority_arm(outcome: EpisodeOutcome) -> tuple[str, int]:
     """The (policy, version) that served most of an episode's slates."""
     if not outcome.policy_steps:
@@ -145,6 +181,8 @@ class LoopMonitor:
         self.versions: dict[tuple[str, int], VersionInfo] = {}
         self.view = MonitorView()
         self.skipped = 0
+        self.refused = 0
+        """Announcements refused by ``announced_version``."""
         self._slates_in_window = 0
         self._last_ends: int | None = None
 
@@ -171,16 +209,14 @@ class LoopMonitor:
             self.window[arm].add(record)
             self.view.totals[f"{arm[0]}:{arm[1]}"].add(record)
         elif isinstance(record, PolicyPublished):
-            newest = None
-            # A remote deployment may not share the snapshot directory: freshness is unknown.
-            with contextlib.suppress(SnapshotError):
-                where = resolve_announced(self.settings.resolved_snapshot_dir, record.path)
-                service = describe_snapshot(where).manifest.get("service", {})
-                newest = service.get("newest_event_ts")
-            self.versions.setdefault(
-                (record.policy, record.version),
-                VersionInfo(record.created_ts, float(newest) if newest else None),
-            )
+            key = (record.policy, record.version)
+            if key not in self.versions:
+                try:
+                    recorded = self.storage.snapshot(record.policy, record.version)
+                    self.versions[key] = announced_version(record, self.settings, recorded)
+                except SnapshotError:
+                    self.refused += 1
+                    return
             self.view.versions[record.policy] = max(
                 record.version, self.view.versions.get(record.policy, 0)
             )

@@ -14,6 +14,10 @@ the learner needs to resume. A snapshot that fails is logged, counted in
 older one is tried. A verified snapshot storage does not know (a crash between writing and
 recording) is recorded then.
 
+Each announcement is signed with the snapshot key when one is configured
+(``recloop.core.snapshot_auth``): serving and the monitor then refuse any announcement the
+learner did not make. Its path is always relative to the root (``<policy>/v<version>``).
+
 Versions are never re-used: ``write`` takes the version it is asked for or, if that is not
 above every version known anywhere (each ``v*`` directory, valid or not; storage's highest
 record; what this object wrote), the next one above them all. So falling back to an older
@@ -29,10 +33,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from pydantic import SecretStr
 
 from recloop import metrics
+from recloop.core import snapshot_auth
 from recloop.core.events import PolicyPublished
 from recloop.core.snapshot import (
+    DEFAULT_MAX_WEIGHTS_BYTES,
     SnapshotError,
     SnapshotRef,
     announced_path,
@@ -69,10 +76,13 @@ class Snapshots(Protocol):
 
 
 class DiskSnapshots:
-    """Snapshots as files under ``root`` (``recloop.core.snapshot``), recorded in storage."""
+    """Snapshots as files under ``root`` (``recloop.core.snapshot``), recorded in storage;
+    announcements signed with ``key`` when there is one."""
 
-    def __init__(self, root: Path, storage: Any) -> None:
+    def __init__(self, root: Path, storage: Any, key: SecretStr | None = None,
+                 max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES) -> None:  # fmt: skip
         self.root, self.storage = root, storage
+        self._key, self.max_weights_bytes = key, max_weights_bytes
         self._written: dict[str, int] = {}
 
     def latest(self, policy: str) -> Resumed | None:
@@ -117,7 +127,8 @@ class DiskSnapshots:
                 f"{record['manifest_sha256']}"
             )
         expected_weights = ref.weights_sha256 if record is None else record["weights_sha256"]
-        tensors, manifest = read_snapshot(path, expected_weights, ref.manifest_sha256)
+        tensors, manifest = read_snapshot(path, expected_weights, ref.manifest_sha256,
+                                          self.max_weights_bytes)  # fmt: skip
         try:
             publishing.progress_from_manifest(manifest)
             publishing.unpack_ids(tensors.get(publishing.APPLIED_IDS_KEY, np.zeros(0, np.uint8)))
@@ -130,9 +141,10 @@ class DiskSnapshots:
 
     def _announcement(self, ref: SnapshotRef) -> PolicyPublished:
         manifest = ref.manifest
-        return PolicyPublished(
+        published = PolicyPublished(
             policy=ref.policy, algorithm=ref.algorithm, version=ref.version,
             path=announced_path(self.root, ref.path), weights_sha256=ref.weights_sha256,
             manifest_sha256=ref.manifest_sha256, created_ts=ref.created_ts,
             transitions_applied=manifest["transitions_applied"], metrics=manifest["metrics"],
         )  # fmt: skip
+        return snapshot_auth.sign(published, self._key)

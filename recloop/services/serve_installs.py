@@ -10,6 +10,13 @@ one is tried, until one swaps in or is stale (not above the version serving), so
   fallback;
 - serving v1 when v2 is refused keeps v1.
 
+An announcement the installer does not admit (``SnapshotInstaller.admit``: a bad signature,
+a path outside the snapshot root or not the learner's name for it) is refused and counted at
+once and never kept, so forged announcements cannot push real ones out of the kept window.
+Which version counts as newest rises only with an announcement that was authenticated (its
+signature verified under the snapshot key), swapped in or found stale: a refused one, such as
+a forged huge version, never moves it, so real versions are never judged by it.
+
 ``install_pending`` installs in the caller's thread (the in-process round); ``run_until`` is
 the Kafka process's installer thread, which waits for announcements off the request path so
 a swap never stalls a request. An installer failure is noted in ``errors`` and the loop goes
@@ -45,14 +52,28 @@ class Installs:
         self._cv = threading.Condition()
 
     def announce(self, published: PolicyPublished) -> None:
+        admit = getattr(self.installer, "admit", None)
+        refusal = admit(published) if admit is not None else None
+        if refusal is not None:
+            self._refused(published, refusal)
+            return
         with self._cv:
             kept = self._pending.setdefault(published.policy, {})
             kept[published.version] = published
             while len(kept) > KEEP:
                 del kept[min(kept)]
-            self._newest[published.policy] = max(self._newest.get(published.policy, 0),
-                                                 published.version)  # fmt: skip
+            if getattr(self.installer, "authenticates", False):
+                self._raise_newest(published)
             self._cv.notify_all()
+
+    def newest(self, policy: str) -> int:
+        """The newest version of ``policy`` that counts (see the module docstring)."""
+        with self._cv:
+            return self._newest.get(policy, 0)
+
+    def _raise_newest(self, published: PolicyPublished) -> None:
+        self._newest[published.policy] = max(self._newest.get(published.policy, 0),
+                                             published.version)  # fmt: skip
 
     def wake(self) -> None:
         with self._cv:
@@ -87,7 +108,7 @@ class Installs:
         name = candidates[0].policy
         if self.installer.host.hosts(name):
             serving = self.installer.host.version(name) or 0
-            metrics.SERVING_BEHIND_NEWEST.labels(name).set(self._newest[name] - serving)
+            metrics.SERVING_BEHIND_NEWEST.labels(name).set(max(0, self.newest(name) - serving))
 
     def _install(self, published: PolicyPublished) -> str:
         name = published.policy
@@ -97,11 +118,22 @@ class Installs:
             self.errors.append(f"install {name} v{published.version}: {exc!r}")
             metrics.SNAPSHOTS_REFUSED.labels("serve", name).inc()
             return "refused"
-        self.results.append(result)
-        if result.status == "swapped" and published.path:
-            metrics.export_swap(published, self.installer.resolve(published.path))
         if result.status == "refused":
-            metrics.SNAPSHOTS_REFUSED.labels("serve", name).inc()
-            log.warning("refused snapshot %s v%d (trying an older one): %s", name,
-                        published.version, result.reason)  # fmt: skip
+            self._refused(published, result)
+            return result.status
+        self.results.append(result)
+        if result.status in ("swapped", "stale"):
+            with self._cv:
+                self._raise_newest(published)
+        if result.status == "swapped" and published.path:
+            try:
+                metrics.export_swap(published, self.installer.resolve(published.path))
+            except Exception as exc:  # an in-process installer has no snapshot root
+                log.debug("no snapshot metrics for %s v%d: %s", name, published.version, exc)
         return result.status
+
+    def _refused(self, published: PolicyPublished, result: InstallResult) -> None:
+        self.results.append(result)
+        metrics.SNAPSHOTS_REFUSED.labels("serve", published.policy).inc()
+        log.warning("refused snapshot %s v%d (trying an older one): %s", published.policy,
+                    published.version, result.reason)  # fmt: skip

@@ -1,7 +1,13 @@
 """From a ``PolicyPublished`` announcement to a swapped-in policy, or a counted refusal.
 
-``SnapshotInstaller.install`` reads the snapshot with ``recloop.core.snapshot.read_snapshot``,
-checking both files against the SHA-256 the announcement carries, checks the manifest names
+``SnapshotInstaller.admit`` is the cheap check of an announcement before it is kept: with a
+snapshot key its signature must verify (``recloop.core.snapshot_auth``); its path must be the
+learner's name for that policy and version and resolve to a real directory under the
+snapshot root (``recloop.core.snapshot.resolve_announcement``: no absolute path, no ``..``,
+no symlink). Without a key the announcement is not authenticated and the log says so once.
+``SnapshotInstaller.install`` admits it again, then reads the snapshot with
+``recloop.core.snapshot.read_snapshot`` (regular files only, size caps), checking both files
+against the SHA-256 the (signed) announcement carries, checks the manifest names
 the announced policy and version, builds the policy with the injected loader (serving never
 imports the learner) and, if the policy has item embeddings, the faiss index; only then does
 it swap. Anything that fails leaves the current policy serving and is counted by reason;
@@ -18,10 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import SecretStr
 
+from recloop.core import snapshot_auth
 from recloop.core.events import PolicyPublished
 from recloop.core.ports import SlatePolicy
-from recloop.core.snapshot import SnapshotError, read_snapshot, resolve_announced
+from recloop.core.snapshot import (
+    DEFAULT_MAX_WEIGHTS_BYTES,
+    SnapshotError,
+    read_snapshot,
+    resolve_announced,
+    resolve_announcement,
+)
 from recloop.serving.host import PolicyHost, StaleVersionError
 from recloop.serving.retrieval import CatalogueIndex
 
@@ -49,17 +63,45 @@ class SnapshotInstaller:
         loader: PolicyLoader,
         snapshot_root: Path | None = None,
         index_kind: str = "auto",
+        *,
+        key: SecretStr | None = None,
+        max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
     ) -> None:
         self.host = host
         self.loader = loader
         self.snapshot_root = Path(snapshot_root) if snapshot_root is not None else None
         self.index_kind = index_kind
+        self.max_weights_bytes = max_weights_bytes
+        self._key = key
         self.counts: Counter[str] = Counter()
         self.last_refusal = ""
+        if snapshot_auth.key_bytes(key) is None:
+            snapshot_auth.warn_unauthenticated("serve")
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether an admitted announcement is the learner's (a snapshot key is configured)."""
+        return snapshot_auth.key_bytes(self._key) is not None
 
     def resolve(self, path: str) -> Path:
-        """An announced path: absolute as given, relative ones under the snapshot root."""
+        """An announced relative path under the snapshot root (``SnapshotError`` if refused)."""
         return resolve_announced(self.snapshot_root, path)
+
+    def admit(self, published: PolicyPublished) -> InstallResult | None:
+        """``None`` if ``published`` may be kept for installing, else its refusal (counted)."""
+        try:
+            self._admitted(published)
+        except SnapshotError as exc:
+            result = InstallResult("refused", published.policy, published.version, str(exc))
+            self.counts[result.status] += 1
+            self.last_refusal = result.reason
+            return result
+        return None
+
+    def _admitted(self, published: PolicyPublished) -> Path:
+        snapshot_auth.verify(published, self._key)
+        return resolve_announcement(self.snapshot_root, published.policy, published.version,
+                                    published.path)  # fmt: skip
 
     def install(self, published: PolicyPublished) -> InstallResult:
         t0 = time.perf_counter()
@@ -81,9 +123,10 @@ class SnapshotInstaller:
             return InstallResult("stale", name, version, f"serving version {current} already")
         try:
             tensors, manifest = read_snapshot(
-                self.resolve(published.path),
+                self._admitted(published),
                 expected_weights_sha256=published.weights_sha256,
                 expected_manifest_sha256=published.manifest_sha256,
+                max_weights_bytes=self.max_weights_bytes,
             )
         except SnapshotError as exc:
             return InstallResult("refused", name, version, f"snapshot: {exc}")

@@ -3,6 +3,8 @@
 Real snapshot files (``core.snapshot.write_snapshot``), the real ``SnapshotInstaller`` and
 ``PolicyHost``, announcements through ``services.serve_installs.Installs`` as the serve
 process hands them on; damage is bytes flipped in the weights after the announcement.
+Announcements are signed with a snapshot key as in a deployment, so a damaged one is still
+the learner's newest version (``recloop_serving_behind_newest`` counts it).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
+from pydantic import SecretStr
 
 from recloop.core.events import PolicyPublished
-from recloop.core.snapshot import WEIGHTS_FILE, describe_snapshot, snapshot_dir
+from recloop.core.snapshot import WEIGHTS_FILE, announced_path, describe_snapshot, snapshot_dir
+from recloop.core.snapshot_auth import sign
 from recloop.services.serve_installs import KEEP, Installs
 from recloop.serving.host import PolicyHost
 from recloop.serving.server import ServeConfig, SlateServer
@@ -24,13 +28,17 @@ from recloop.serving.split import TrafficSplit
 from tests.unit.test_serving_snapshots import N_ITEMS, load_score_policy, publish, request
 
 
+KEY = "test-snapshot-key"
+
+
 class Served:
     """One server's host, installer, pending announcements and slate server for ``policy``."""
 
     def __init__(self, root: Path, policy: str) -> None:
         self.root, self.policy = root, policy
         self.host = PolicyHost([policy])
-        self.installer = SnapshotInstaller(self.host, load_score_policy, root)
+        self.installer = SnapshotInstaller(self.host, load_score_policy, root,
+                                           key=SecretStr(KEY))  # fmt: skip
         self.results: deque[InstallResult] = deque()
         self.errors: deque[str] = deque()
         self.installs = Installs(self.installer, self.results, self.errors)
@@ -41,7 +49,7 @@ class Served:
         """Write and announce ``version``; its top item is ``version % N_ITEMS``."""
         scores_I = np.zeros(N_ITEMS)
         scores_I[version % N_ITEMS] = 1.0
-        published = publish(self.root, version, scores_I, policy=self.policy)
+        published = publish(self.root, version, scores_I, policy=self.policy, key=KEY)
         if damaged:
             weights = snapshot_dir(self.root, self.policy, version) / WEIGHTS_FILE
             data = bytearray(weights.read_bytes())
@@ -126,11 +134,11 @@ def test_older_announcements_are_not_tried_once_one_swaps(served):
 def _again(served: Served, version: int) -> PolicyPublished:
     """The announcement of a snapshot already on disk, as the learner sends it again."""
     ref = describe_snapshot(snapshot_dir(served.root, served.policy, version))
-    return PolicyPublished(
-        policy=served.policy, algorithm="score", version=version, path=str(ref.path),
-        weights_sha256=ref.weights_sha256, manifest_sha256=ref.manifest_sha256,
-        created_ts=ref.created_ts,
-    )  # fmt: skip
+    return sign(PolicyPublished(
+        policy=served.policy, algorithm="score", version=version,
+        path=announced_path(served.root, ref.path), weights_sha256=ref.weights_sha256,
+        manifest_sha256=ref.manifest_sha256, created_ts=ref.created_ts,
+    ), KEY)  # fmt: skip
 
 
 def test_all_refused_leaves_what_serves_and_the_kept_set_is_bounded(served):

@@ -7,7 +7,8 @@ import pytest
 
 from recloop.core.events import PolicyPublished, RecRequest
 from recloop.core.ports import Slate
-from recloop.core.snapshot import WEIGHTS_FILE, write_snapshot
+from recloop.core.snapshot import WEIGHTS_FILE, announced_path, write_snapshot
+from recloop.core.snapshot_auth import sign
 from recloop.serving.host import PolicyHost, StaleVersionError
 from recloop.serving.server import ServeConfig, SlateServer
 from recloop.serving.snapshots import SnapshotInstaller
@@ -35,15 +36,18 @@ def load_score_policy(algorithm, tensors, manifest):
     return ScorePolicy(tensors["scores_I"])
 
 
-def publish(root, version: int, scores_I: np.ndarray, policy: str = "learned") -> PolicyPublished:
+def publish(root, version: int, scores_I: np.ndarray, policy: str = "learned",
+            key: str | None = None) -> PolicyPublished:  # fmt: skip
+    """Write ``version`` under ``root`` and return its announcement, as the learner makes it
+    (named relative to the root, signed when there is a ``key``)."""
     manifest = {"algorithm": "score", "config": {}, "metrics": {}, "consumed_offsets": {},
                 "transitions_applied": 0}  # fmt: skip
     ref = write_snapshot(root, policy, version, {"scores_I": scores_I}, manifest)
-    return PolicyPublished(
-        policy=policy, algorithm="score", version=version, path=str(ref.path),
+    return sign(PolicyPublished(
+        policy=policy, algorithm="score", version=version, path=announced_path(root, ref.path),
         weights_sha256=ref.weights_sha256, manifest_sha256=ref.manifest_sha256,
         created_ts=ref.created_ts,
-    )  # fmt: skip
+    ), key)  # fmt: skip
 
 
 def request(i: int) -> RecRequest:

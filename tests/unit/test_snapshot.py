@@ -259,8 +259,13 @@ def test_an_announced_path_is_found_under_a_root_mounted_elsewhere(tmp_path, mon
     assert manifest["version"] == 3 and set(tensors) == set(_tensors())
 
 
-def test_a_snapshot_outside_the_root_is_announced_by_its_absolute_path(tmp_path) -> None:
+def test_a_snapshot_outside_the_root_is_refused_not_announced_by_its_absolute_path(
+    tmp_path,
+) -> None:
+    """Issue 12, finding 4: an absolute path used to be announced and read as given."""
     ref = write_snapshot(tmp_path / "elsewhere", "mf", 1, _tensors(), _manifest())
-    announced = announced_path(tmp_path / "root", ref.path)
-    assert Path(announced).is_absolute()
-    assert resolve_announced(tmp_path / "root", announced) == ref.path.resolve()
+    (tmp_path / "root").mkdir()
+    with pytest.raises(ValueError, match="outside the snapshot root"):
+        announced_path(tmp_path / "root", ref.path)
+    with pytest.raises(SnapshotError, match="absolute"):
+        resolve_announced(tmp_path / "root", str(ref.path.resolve()))
