@@ -81,8 +81,9 @@ class ServeService:
             if loader is None:
                 raise ValueError("a snapshot loader is needed unless an installer is given")
             installer = SnapshotInstaller(
-                self.host, loader, settings.resolved_snapshot_dir, self.options.index_kind
-            )
+                self.host, loader, settings.resolved_snapshot_dir, self.options.index_kind,
+                key=settings.snapshot_key, max_weights_bytes=settings.snapshot_max_weights_bytes,
+            )  # fmt: skip
         self.installer = installer
         self.stats = ServeStats()
         self.ready = threading.Event()
