@@ -74,7 +74,7 @@ async def feed(streams: StreamsApp, messages: list[tuple[bytes, bytes, int]]) ->
 
 def expected_transitions(events) -> dict[str, Transition]:
     states: dict = {}
-    out = {}
+    out: dict[str, Transition] = {}
     for event in events:
         states[event.user_id], more = fold.apply(states.get(event.user_id), event)
         out.update((t.transition_id, t) for t in more)
