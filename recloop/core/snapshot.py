@@ -168,6 +168,13 @@ def resolve_announcement(root: Path | None, policy: str, version: int, announced
     """``resolve_announced`` for the announcement of ``policy`` v``version``: its path must
     also be the one the learner names that snapshot by (``<policy>/v<version:08d>``), so an
     announcement cannot pass one snapshot off as another version or policy."""
+    check_announced_name(policy, version, announced)
+    return resolve_announced(root, announced)
+
+
+def check_announced_name(policy: str, version: int, announced: str) -> None:
+    """``SnapshotError`` unless ``announced`` is ``<policy>/v<version:08d>``: the lexical
+    half of ``resolve_announcement`` (no file system access)."""
     try:
         expected = f"{policy}/{snapshot_dir(Path('.'), policy, version).name}"
     except ValueError as exc:
@@ -175,7 +182,6 @@ def resolve_announcement(root: Path | None, policy: str, version: int, announced
     if announced != expected:
         raise SnapshotError(f"announced path {announced!r} is not {expected!r}, where "
                             f"{policy!r} v{version} lives")  # fmt: skip
-    return resolve_announced(root, announced)
 
 
 def write_snapshot(

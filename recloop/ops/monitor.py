@@ -9,10 +9,11 @@ cannot decode is counted and skipped; the owning consumers dead-letter it.
 An announcement goes through the checks serving makes before the monitor believes it
 (``announced_version``): with a snapshot key its signature must verify; its hashes must be
 the ones storage recorded for that version when there is a row; its path must be the
-learner's name for it under the snapshot root, and the manifest read there (regular file,
-size cap) must have the announced hash. A remote deployment may not share the snapshot
-directory: then an authenticated or recorded announcement still counts (freshness unknown),
-anything else is refused and counted in ``refused``.
+learner's name for it (``<policy>/v<version>``, so never absolute, never ``..``), and the
+manifest read under the snapshot root (no symlinks, regular file, size cap) must have the
+announced hash. A remote deployment may not share the snapshot directory: then an
+authenticated or recorded announcement still counts (freshness unknown); anything else is
+refused and counted in ``refused``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ from recloop.core import codec, snapshot_auth
 from recloop.core.codec import RecordDecodeError
 from recloop.core.events import EpisodeOutcome, PolicyPublished, SlateServed
 from recloop.core.settings import Settings
-from recloop.core.snapshot import SnapshotError, describe_snapshot, resolve_announcement
+from recloop.core.snapshot import (
+    SnapshotError,
+    check_announced_name,
+    describe_snapshot,
+    resolve_announcement,
+)
 from recloop.kafka import lag as kafka_lag
 from recloop.storage.store import Outcome, Sample, Storage
 
@@ -117,6 +123,7 @@ def announced_version(
     if not authentic:
         snapshot_auth.warn_unauthenticated("monitor")
     known = snapshot_auth.check_recorded(published, recorded)
+    check_announced_name(published.policy, published.version, published.path)
     newest = None
     try:
         where = resolve_announcement(settings.resolved_snapshot_dir, published.policy,
