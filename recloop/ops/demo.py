@@ -93,9 +93,20 @@ class ChildProcesses:
 
 def child_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of the loop's child processes: this process's, with the settings
-    they must share (broker, prefix, home, partitions, snapshots, database) as RECLOOP_*."""
+    they must share (broker, prefix, home, partitions, snapshots, database) as RECLOOP_*.
+
+    The children also share a snapshot key, so the learner signs its announcements and
+    serving refuses any it did not sign: the configured one, else one generated for this
+    run's topics and snapshots (``core.snapshot_auth.launch_key``, the same on every call).
+    """
+    from recloop.core import snapshot_auth
+
+    key = settings.snapshot_key or snapshot_auth.launch_key(
+        f"{settings.topic_prefix}|{settings.resolved_snapshot_dir}"
+    )
     return {
         **os.environ,
+        "RECLOOP_SNAPSHOT_KEY": key.get_secret_value(),
         "RECLOOP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "RECLOOP_TOPIC_PREFIX": settings.topic_prefix,
         "RECLOOP_HOME": str(settings.home),
