@@ -46,27 +46,43 @@ class UniformPolicy:
         return None
 
 
+UNKNOWN_CATALOGUE_ITEMS = 1 << 20
+"""How many item ids (``0 .. n - 1``) are counted when the catalogue's size is not known."""
+
+
 class PopularityCounts:
     """How often each item was chosen (clicked), as seen in session state.
 
-    Item ids index a dense array that grows on demand; writes come from the session-state
-    thread and reads from the request path, so a lock keeps the array swap safe.
+    Item ids index a dense array; writes come from the session-state thread and reads from
+    the request path, so a lock keeps the array swap safe. The ids come from the wire (the
+    compacted ``session.state`` topic, which anyone who can write to Kafka can write), so
+    none sizes the array: with the catalogue's size known the array is that size from the
+    start, without it grows on demand up to ``UNKNOWN_CATALOGUE_ITEMS``. An id outside
+    (negative, past the catalogue, or too large even for int64) is not counted, only
+    tallied in ``ignored``.
     """
 
     def __init__(self, n_items: int = 0) -> None:
+        self.n_items = n_items
+        self.limit = n_items if n_items > 0 else UNKNOWN_CATALOGUE_ITEMS
+        """Ids ``0 .. limit - 1`` are counted."""
         self._counts = np.zeros(max(n_items, 1), dtype=np.int64)
         self._lock = threading.Lock()
         self.total = 0
+        self.ignored = 0
 
     def add(self, items: list[int] | np.ndarray) -> None:
-        items_I = np.asarray(items, dtype=np.int64)
-        items_I = items_I[items_I >= 0]
-        if items_I.size == 0:
+        # Range-checked before any conversion: an id past int64 would not even convert.
+        limit = self.limit
+        known = [int(i) for i in items if 0 <= i < limit]
+        self.ignored += len(items) - len(known)
+        if not known:
             return
+        items_I = np.asarray(known, dtype=np.int64)
         with self._lock:
             top = int(items_I.max())
             if top >= self._counts.shape[0]:
-                grown = np.zeros(max(top + 1, 2 * self._counts.shape[0]), dtype=np.int64)
+                grown = np.zeros(min(max(top + 1, 2 * self._counts.shape[0]), limit), np.int64)
                 grown[: self._counts.shape[0]] = self._counts
                 self._counts = grown
             np.add.at(self._counts, items_I, 1)
