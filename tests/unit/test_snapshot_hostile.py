@@ -428,3 +428,39 @@ def test_the_monitor_counts_a_signed_version_it_cannot_read_without_freshness(tm
         assert monitor.versions[(POLICY, 3)].newest_event_ts is None
     finally:
         monitor.consumer.close()
+
+
+class _LearnerStorage:
+    def __init__(self) -> None:
+        self.rows: dict = {}
+
+    def record_snapshot(self, meta: dict) -> None:
+        self.rows[(meta["policy"], meta["version"])] = meta
+
+    def latest_snapshot(self, policy: str):
+        return None
+
+    def snapshot(self, policy: str, version: int):
+        return self.rows.get((policy, version))
+
+
+class _Agent:
+    def state_tensors(self):
+        return {"scores_I": np.arange(N_ITEMS, dtype=np.float64)}
+
+
+def test_the_learner_signs_what_serving_with_the_same_key_installs(root):
+    from pydantic import SecretStr
+
+    from recloop.services.learn_snapshots import DiskSnapshots
+
+    manifest = {"algorithm": "score", "config": {}, "metrics": {}, "consumed_offsets": {},
+                "transitions_applied": 0}  # fmt: skip
+    learner = DiskSnapshots(root, _LearnerStorage(), key=SecretStr(KEY))
+    published = learner.write(POLICY, 1, _Agent(), ["t1"], manifest)
+    assert published.path == f"{POLICY}/v00000001" and len(published.signature) == 64
+    assert _installer(root, KEY).install(published).status == "swapped"
+    assert _installer(root, "another key").install(published).status == "refused"
+    unsigned = DiskSnapshots(root, _LearnerStorage()).write(POLICY, 2, _Agent(), [], manifest)
+    assert unsigned.signature == ""
+    assert _installer(root, KEY).install(unsigned).status == "refused"
