@@ -120,8 +120,6 @@ def announced_version(
     module docstring); ``recorded`` is storage's row of that version. Raises
     ``SnapshotError`` for an announcement that is refused."""
     authentic = snapshot_auth.verify(published, settings.snapshot_key)
-    if not authentic:
-        snapshot_auth.warn_unauthenticated("monitor")
     known = snapshot_auth.check_recorded(published, recorded)
     check_announced_name(published.policy, published.version, published.path)
     newest = None
