@@ -34,6 +34,7 @@ _COMMAND_MODULES = [
     "recloop.cli.learn_bench",
     "recloop.cli.streams",
     "recloop.cli.bench_loop",
+    "recloop.cli.bench_decode",
 ]
 
 

@@ -1,0 +1,58 @@
+"""``recloop bench decode``, run tiny: the shape of its output, and records the contract takes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from recloop.bench.decode import VARIANTS, DecodeBenchConfig, build_record, run
+from recloop.cli import _register, app
+from recloop.core import codec, events
+from recloop.core.dlq import MAX_RECORD_BYTES
+
+_register()
+
+
+def test_a_tiny_run_prints_a_table_and_one_json_line_with_positive_ratios() -> None:
+    lines: list[str] = []
+    figures = run(DecodeBenchConfig(seconds=0.0005, types=("Click", "SessionEnd")), lines.append)
+    report = json.loads(lines[-1])
+    assert report["bench"] == "decode" and report["max_record_bytes"] == MAX_RECORD_BYTES
+    rows = report["figures"]
+    assert [(r["record_type"], r["variant"]) for r in rows] == [
+        (t, v) for t in ("Click", "SessionEnd") for v in VARIANTS
+    ]
+    for row in rows:
+        assert row["ratio"] > 0 and row["us_per_kb"] > 0 and row["raw_us_per_kb"] > 0
+        assert row["us_per_record"] > 0 and row["n"] >= 1 and row["bytes"] > 0
+    assert len(figures) == len(rows) and len(lines) == 2 + len(rows) + 1
+
+
+@pytest.mark.parametrize("record_type", events.ALL_RECORD_TYPES, ids=lambda t: t.__name__)
+def test_every_variant_is_a_record_the_contract_accepts(record_type: type) -> None:
+    sizes = {}
+    for variant in VARIANTS:
+        data = build_record(record_type, variant)  # raises if the codec refuses it
+        assert isinstance(codec.decode(data, record_type), record_type)
+        assert len(data) <= MAX_RECORD_BYTES
+        sizes[variant] = len(data)
+    assert sizes["largest"] > sizes["typical"]
+
+
+@pytest.mark.parametrize(
+    "record_type", [events.RecRequest, events.SlateServed, events.SessionState, events.Transition]
+)
+def test_the_largest_record_of_a_type_with_lists_fills_the_record_limit(record_type) -> None:
+    assert len(build_record(record_type, "largest")) > 0.95 * MAX_RECORD_BYTES
+
+
+def test_the_command_is_registered_and_refuses_an_unknown_type() -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "decode", "--types", "Click", "--variants", "typical",
+                                 "--seconds", "0.0005", "--runs", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["figures"][0]["ratio"] > 0
+    result = runner.invoke(app, ["bench", "decode", "--types", "Nope"])
+    assert result.exit_code == 2 and "unknown record type" in " ".join(result.output.split())
