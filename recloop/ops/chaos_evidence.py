@@ -7,8 +7,14 @@ failure line per check that does not hold:
 - **transitions**: the reference is the offline replay of ``streams.fold.apply`` over every
   slate and feedback record the streams worker did not dead-letter, per user, the user's
   slates (in offset order) before their feedback (in offset order). In that order every
-  slate precedes the feedback that refers to it, so the fold never has to buffer, and the
-  replay is what the worker must have emitted whatever interleaving it met. Expiry is not
+  slate precedes the feedback that refers to it, so the fold never has to buffer feedback,
+  and the replay is what the worker must have emitted whatever interleaving it met. That
+  order holds a user's whole session of slates at once, far more than the live worker
+  holds, so the replay lifts the fold's buffer caps (``FoldConfig.without_buffer_caps``;
+  ``recloop.streams.fold``, "Bounded state"): a record the worker refused for a cap is in
+  its DLQ and left out like any other, and one it accepted is never refused here. The
+  refusals for a cap are counted (``buffer_full``, per cap), not failed: they are the
+  worker's, with their reasons, and a sane run has none. Expiry is not
   replayed: the harness runs the worker with a session timeout longer than the run. The
   distinct transition ids on ``rec.transitions`` must equal the replay's, none missing and
   none extra, and each must carry the replay's outcome (slate, click, reward, done). A
@@ -113,6 +119,10 @@ def judge(evidence: Evidence) -> Verdict:
     )
     counts: dict[str, Any] = {}
     counts.update(_check_transitions(expected, [t for _, _, t in transitions], failures))
+    counts["buffer_full"] = dict(Counter(
+        cap for consumer, reason in dead.values()
+        if consumer == STREAMS_CONSUMER and (cap := fold.overflow_cap(reason)) is not None
+    ))  # fmt: skip
     counts.update(_check_manifest(evidence.manifest, {t.transition_id for _, _, t in transitions},
                                   failures))  # fmt: skip
     refused = {k for k in dead if k[0] == topics.requests}
@@ -135,10 +145,13 @@ def replay(
     slates: Iterable[tuple[str, int, int, Any]],
     feedback: Iterable[tuple[str, int, int, Any]],
     skip: AbstractSet[tuple[str, int, int]] = frozenset(),
+    config: fold.FoldConfig | None = None,
 ) -> dict[str, Transition]:
     """The fold over each user's slates, then their feedback, each in the order given;
     ``(topic, partition, offset, event)`` tuples, those in ``skip`` left out. Feedback the
-    fold refuses (``InvalidEvent``) is left out too, as the live worker dead-letters it."""
+    fold refuses (``InvalidEvent``) is left out too, as the live worker dead-letters it.
+    ``config`` defaults to the worker's with the buffer caps lifted (module docstring)."""
+    config = config or fold.DEFAULT.without_buffer_caps()
     by_user: dict[str, list[Any]] = defaultdict(list)
     for source in (slates, feedback):
         for topic, partition, offset, event in source:
@@ -149,7 +162,7 @@ def replay(
         state = None
         for event in events:
             try:
-                state, emitted = fold.apply(state, event)
+                state, emitted = fold.apply(state, event, config)
             except fold.InvalidEvent:
                 continue
             for t in emitted:

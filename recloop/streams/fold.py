@@ -29,12 +29,13 @@ or a session was expired first. The rules that make it so:
   answered slate's successor is the next pending slate, answered or not; a slate never
   answered emits nothing, and the chain goes on from the view as last known.
   ``unanswered(state)`` counts those slates, for the caller to count before it expires;
-- nothing is dropped silently. A record that would overflow a buffer (``FoldConfig``) is
-  refused with ``BufferFull``, an ``InvalidEvent``, and the state is unchanged, so the
-  caller dead-letters it with the reason, as it does feedback that contradicts its slate.
-  Buffered feedback that contradicts its slate when that comes, or whose session ended
-  without its slate, stays in the buffer until the caller takes it, with the reason, from
-  ``take_rejected`` and dead-letters it;
+- nothing is dropped silently. A record that would take the state past one of its caps
+  (``FoldConfig``; see "Bounded state" below) is refused with ``BufferFull``, an
+  ``InvalidEvent`` naming the cap, and the state is unchanged, so the caller dead-letters it
+  with the reason, as it does feedback that contradicts its slate. Buffered feedback that
+  contradicts its slate when that comes, or whose session ended without its slate, stays in
+  the buffer until the caller takes it, with the reason, from ``take_rejected`` and
+  dead-letters it;
 - it is idempotent: a repeated slate, a repeated impression or click, or an event of a
   finished session changes nothing. Repeats are recognised by what they are (the slate's
   request or a step already emitted, the impressed position, the click of a slate), not by
@@ -46,10 +47,56 @@ request, the first to arrive counts (the slates topic keeps the order serving se
 
 Transition ids are a hash of (user, session, request), so a re-emission after a crash carries
 the same id and downstream consumers drop it.
+
+Bounded state. Whatever the records hold, an encoded state stays under
+``FoldConfig.max_state_bytes`` (536,454 bytes at the defaults), far below the 900,000 bytes
+any consumer decodes (``core.dlq.MAX_RECORD_BYTES``) and the broker's 1,000,000. The caps
+are of two kinds, and the difference is what keeps the fold a function of the *set* of
+records:
+
+- *record caps* look at one record alone, so they refuse the same records in every
+  interleaving: a slate is held only if its ids (request, user, session, policy) are
+  printable ASCII of at most ``id_chars``, its integers fit in 64 bits, its observation has
+  at most ``observation_len`` numbers and it carries at most ``slate_numbers`` numbers in
+  all (``slate_numbers``: items twice, for their impressed positions, then propensities,
+  scores, candidates, one per feature row and each feature, the observation); a Click's
+  reward is at most ``max_reward`` in size (so the cumulative reward stays finite); the first
+  record of a user must have such ids too (it names the state);
+- *buffer caps* bound how much waits at once: ``pending_slates`` and ``parked_slates``
+  slates, ``held_numbers`` numbers over all of them, ``early_feedback`` buffered feedback
+  records of at most ``feedback_bytes`` encoded each. What waits depends on the
+  interleaving, so these are sized far above what a sane stream makes wait: a simulated
+  user answers each slate before asking for the next, so the worker holds one or two
+  pending slates per user unless one topic lags the other; after an outage the lag is the
+  backlog, a few dozen of a user's records (the chaos run's estimate: its 20-second outages
+  leave ~30 slates and ~110 feedback records per user). The caps hold 64 pending slates (41
+  interest-evolution slates by numbers), 64 parked ones and 320 buffered feedback records
+  (most of a whole 90-slate session's ~330). A stream whose topics lag each other by less
+  than that never reaches a buffer cap, in whatever interleaving the worker meets them.
+
+The chaos judge's offline replay (``recloop.ops.chaos_evidence.replay``) folds each user's
+slates before their feedback, the interleaving that holds the most, so it folds with
+``FoldConfig.without_buffer_caps()`` and leaves out exactly the records the live worker
+dead-lettered: then it emits what the worker's accepted records imply, whichever
+interleaving the worker met (a refusal leaves the state as if the record never came). The
+replay keeps the record caps, which refuse the same records in any order.
+
+The worst case, per part of an encoded state (``max_state_bytes`` sums them): a number and
+its comma take at most 25 bytes (``-2.2250738585072014e-308,``; a 64-bit integer 21), a
+held id at most ``2 * id_chars + 3`` (99: quotes, comma, ``"`` and ``\\`` escaped to two);
+a held slate's keys and scalar fields at most ``_SLOT_BYTES`` (512; measured: 374) plus
+four ids; a view's at most ``_VIEW_BYTES`` (192; measured: 124) plus its observation and
+history; the state's own keys and scalars ``_STATE_BYTES`` (512; measured: 216). At the
+defaults: held numbers 10,240 x 25 = 256,000; 128 held slates x (512 + 4 x 99) = 116,224;
+320 buffered feedback x 385 = 123,200; 256 done requests + 8 past sessions + the state's
+user and session ids, 266 x 99 = 26,334; two views x (192 + 25 x (256 + 2 x 10)) = 14,184;
+512 fixed: 536,454 in all. ``tests/unit/test_fold_bounds.py`` builds the largest state the
+caps allow (497,633 bytes encoded) and checks it against this, for these caps and any.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from itertools import repeat
@@ -58,6 +105,7 @@ from typing import Any
 
 import msgspec
 
+from recloop.core import codec
 from recloop.core.events import (
     Click,
     Feedback,
@@ -74,11 +122,12 @@ from recloop.core.events import (
 
 @dataclass(frozen=True)
 class FoldConfig:
-    """Limits that keep the per-user state small.
+    """Limits that keep the per-user state small (module docstring, "Bounded state").
 
-    The buffers are sized for a backlog: a whole session's feedback (an interest-evolution
-    session is 60-90 slates, ~300 feedback records of ~215 bytes) can wait for its slates,
-    while a full state stays well under the 512 KiB a state record may take on the wire.
+    The buffer caps are sized for a backlog (a few dozen of a user's records waiting for the
+    other topic), the record caps for every world preset (``interest_evolution``'s slate
+    carries 245 numbers, ``large_catalogue``'s about 50), and together they keep an encoded
+    state under ``max_state_bytes``.
     """
 
     history_len: int = 10
@@ -87,12 +136,62 @@ class FoldConfig:
     """How many of the session's answered slates are remembered, so their repeats are dropped."""
     past_sessions: int = 8
     """How many finished session ids are remembered, so their late events are dropped."""
-    early_feedback: int = 1024
+    early_feedback: int = 320
     """Most feedback records buffered while waiting for their slate; one more is refused
-    (``BufferFull``)."""
+    (``BufferFull``, a buffer cap)."""
+    feedback_bytes: int = 384
+    """Most bytes a feedback record may take encoded to be buffered (a usual one takes ~215;
+    one with four 48-character ids ~360); a larger one is refused (a buffer cap: it is
+    checked only when the record has to wait)."""
+    pending_slates: int = 64
+    """Most slates of the open session held at once (a buffer cap)."""
     parked_slates: int = 64
     """Most slates of a user's later sessions parked while the current one is still open;
-    one more is refused (``BufferFull``)."""
+    one more is refused (a buffer cap). At most ``pending_slates``: parked slates become
+    pending when their session starts."""
+    held_numbers: int = 10_240
+    """Most numbers (as ``slate_numbers`` counts them) of all held slates, pending and
+    parked, together (a buffer cap)."""
+    slate_numbers: int = 2_048
+    """Most numbers one slate may carry to be held (a record cap)."""
+    observation_len: int = 256
+    """Most numbers of a held slate's observation, which the views keep (a record cap)."""
+    id_chars: int = 48
+    """Most characters of each id of a held slate and of a user's first record; ids must be
+    printable ASCII (a record cap)."""
+    max_reward: float = 1e6
+    """Largest size of a Click's reward (a record cap), so sums of rewards stay finite."""
+
+    def __post_init__(self) -> None:
+        if self.parked_slates > self.pending_slates or self.slate_numbers > self.held_numbers:
+            raise ValueError(
+                "parked_slates must be <= pending_slates and slate_numbers <= "
+                "held_numbers (parked slates must fit once they become pending)"
+            )
+
+    @property
+    def max_state_bytes(self) -> int:
+        """The most an encoded state can take under these caps (module docstring)."""
+        held = _NUMBER_BYTES * self.held_numbers + (self.pending_slates + self.parked_slates) * (
+            _SLOT_BYTES + 4 * self.id_bytes
+        )
+        buffered = self.early_feedback * (self.feedback_bytes + 1)
+        remembered = (self.done_requests + self.past_sessions + 2) * self.id_bytes
+        views = 2 * (_VIEW_BYTES + _NUMBER_BYTES * (self.observation_len + 2 * self.history_len))
+        return _STATE_BYTES + held + buffered + remembered + views
+
+    @property
+    def id_bytes(self) -> int:
+        """The most a held id takes encoded, with its quotes and comma."""
+        return 2 * self.id_chars + 3
+
+    def without_buffer_caps(self) -> FoldConfig:
+        """These caps with the buffer caps lifted, for a replay that folds in an order the
+        live worker need not have seen (module docstring); the record caps stay."""
+        return dataclasses.replace(
+            self, early_feedback=_UNLIMITED, feedback_bytes=_UNLIMITED, pending_slates=_UNLIMITED,
+            parked_slates=_UNLIMITED, held_numbers=_UNLIMITED,
+        )  # fmt: skip
 
 
 # The fold's state is the contract's SessionState (it carries ``parked`` slates too).
@@ -104,8 +203,37 @@ class InvalidEvent(ValueError):
 
 
 class BufferFull(InvalidEvent):
-    """The event would have to wait in a buffer that is full; it is refused, state unchanged."""
+    """The event would take the state past one of its caps; it is refused, state unchanged.
 
+    ``cap`` names the ``FoldConfig`` field; every message ends ``(buffer full: <cap>=<n>)``,
+    so a shell that keeps only the reason still tells an overflow (``overflow_cap``).
+    """
+
+    def __init__(self, what: str, cap: str, limit: object) -> None:
+        super().__init__(f"{what} ({BUFFER_FULL} {cap}={limit})")
+        self.cap = cap
+
+
+BUFFER_FULL = "buffer full:"
+"""What every ``BufferFull`` reason carries, before the cap's name."""
+
+
+def overflow_cap(reason: str) -> str | None:
+    """The cap a dead letter's reason says was full, or None for another refusal."""
+    _, marked, rest = reason.rpartition(f"({BUFFER_FULL} ")
+    if not marked:
+        return None
+    return rest.partition("=")[0] or None
+
+
+# Upper bounds of JSON lengths (module docstring): a number and its comma; a held slate's
+# keys and scalar fields, a view's, a state's own.
+_NUMBER_BYTES = 25
+_SLOT_BYTES = 512
+_VIEW_BYTES = 192
+_STATE_BYTES = 512
+_INT64 = 1 << 63
+_UNLIMITED = 1 << 62
 
 DEFAULT = FoldConfig()
 
@@ -132,11 +260,18 @@ def apply(
     """Fold one slate or feedback event into a user's state; return new state and transitions.
 
     Raises ``InvalidEvent`` for feedback that contradicts its slate and ``BufferFull`` for an
-    event that would overflow a buffer; the state is unchanged.
+    event that would take the state past a cap; the state is unchanged.
     """
     if not isinstance(event, _FOLDED):
         raise TypeError(f"the session fold takes slates and feedback, not {type(event).__name__}")
+    if type(event) is Click and not -config.max_reward <= event.reward <= config.max_reward:
+        raise BufferFull(f"{_name(event)}: reward {event.reward:g}", "max_reward",
+                         config.max_reward)  # fmt: skip
     if state is None:
+        if not (_id_ok(event.user_id, config) and _id_ok(event.session_id, config)):
+            name = f"{type(event).__name__} of user {_short(event.user_id)}"
+            raise BufferFull(f"{name}: its user or session id is not printable ASCII of at most "
+                             "id_chars characters", "id_chars", config.id_chars)  # fmt: skip
         state = new_state(event.user_id, event.session_id)
     if event.session_id in state.past_sessions:
         return state, []  # a late event of a session that is already over
@@ -235,11 +370,70 @@ def _park(
         return state, []
     if len(parked) >= config.parked_slates:
         raise BufferFull(
-            f"SlateServed {slate.request_id} of session {slate.session_id}: {len(parked)} "
-            f"slates of later sessions already wait for user {state.user_id}'s session "
-            f"{state.session_id} to end (parked_slates={config.parked_slates})"
-        )
+            f"{_slate_name(slate)} of session {_short(slate.session_id)}: {len(parked)} slates "
+            f"of later sessions already wait for user {state.user_id}'s session "
+            f"{state.session_id} to end", "parked_slates", config.parked_slates,
+        )  # fmt: skip
+    _check_holdable(state, slate, config)
     return _replace(state, parked=[*parked, slate]), []
+
+
+def _id_ok(value: str, config: FoldConfig) -> bool:
+    """Whether ``value`` may be held: printable ASCII of at most ``id_chars`` characters."""
+    return len(value) <= config.id_chars and value.isascii() and value.isprintable()
+
+
+def slate_numbers(slate: SlateServed | PendingSlate) -> int:
+    """How many numbers ``slate`` holds, as the caps count them (module docstring)."""
+    rows = slate.candidate_features
+    n = 2 * len(slate.items) + len(slate.propensities) + len(slate.candidates) + len(rows)
+    n += len(slate.observation) + (sum(map(len, rows)) if rows else 0)
+    if type(slate) is SlateServed:
+        n += len(slate.scores)
+    return n
+
+
+def _check_holdable(state: FoldState, slate: SlateServed, config: FoldConfig) -> None:
+    """Raise ``BufferFull`` unless ``state`` may hold ``slate`` (the record caps, then the
+    held-numbers cap; the callers check the counts)."""
+    for value in (slate.request_id, slate.user_id, slate.session_id, slate.policy):
+        if not _id_ok(value, config):
+            raise BufferFull(f"{_slate_name(slate)}: an id is not printable ASCII of at most "
+                             "id_chars characters", "id_chars", config.id_chars)  # fmt: skip
+    items, candidates = slate.items, slate.candidates
+    if (
+        slate.step >= _INT64
+        or slate.policy_version >= _INT64
+        or (items and not (min(items) >= -_INT64 and max(items) < _INT64))
+        or (candidates and not (min(candidates) >= -_INT64 and max(candidates) < _INT64))
+    ):
+        raise BufferFull(f"{_slate_name(slate)}: an integer does not fit in 64 bits",
+                         "slate_numbers", config.slate_numbers)  # fmt: skip
+    if len(slate.observation) > config.observation_len:
+        raise BufferFull(f"{_slate_name(slate)}: an observation of {len(slate.observation)}",
+                         "observation_len", config.observation_len)  # fmt: skip
+    numbers = slate_numbers(slate)
+    if numbers > config.slate_numbers:
+        raise BufferFull(f"{_slate_name(slate)}: carries {numbers} numbers", "slate_numbers",
+                         config.slate_numbers)  # fmt: skip
+    held = len(state.pending) + len(state.parked)
+    if (held + 1) * config.slate_numbers <= config.held_numbers:
+        return  # cannot be over, whatever the held slates carry: spare the sum
+    numbers += sum(map(slate_numbers, state.pending)) + sum(map(slate_numbers, state.parked))
+    if numbers > config.held_numbers:
+        raise BufferFull(
+            f"{_slate_name(slate)}: user {state.user_id}'s {held} held slates and this one "
+            f"carry {numbers} numbers", "held_numbers", config.held_numbers,
+        )  # fmt: skip
+
+
+def _slate_name(slate: SlateServed) -> str:
+    return f"SlateServed {_short(slate.request_id)}"
+
+
+def _short(value: str) -> str:
+    """An id for a message: a hostile one is cut and quoted."""
+    return value if len(value) <= 64 and value.isprintable() else repr(value[:64]) + "..."
 
 
 def _start_session(state: FoldState, session_id: str) -> FoldState:
@@ -279,10 +473,13 @@ def _buffer(state: FoldState, event: Feedback, config: FoldConfig) -> FoldState:
         return state
     if len(buffered) >= config.early_feedback:
         raise BufferFull(
-            f"{_name(event)}: {len(buffered)} feedback records "
-            f"already wait for their slates for user {state.user_id} "
-            f"(early_feedback={config.early_feedback})"
-        )
+            f"{_name(event)}: {len(buffered)} feedback records already wait for their slates "
+            f"for user {state.user_id}", "early_feedback", config.early_feedback,
+        )  # fmt: skip
+    size = len(codec.encode(event))
+    if size > config.feedback_bytes:
+        raise BufferFull(f"{_name(event)}: takes {size} bytes, too many to wait for its slate",
+                         "feedback_bytes", config.feedback_bytes)  # fmt: skip
     last_ts = state.last_event_ts
     if event.session_id == state.session_id and event.ts > last_ts:
         last_ts = event.ts
@@ -299,6 +496,12 @@ def _apply_slate(
         or any(p.request_id == request_id for p in state.pending)
     ):
         return state, []  # a repeat (the simulator retries requests that went unanswered)
+    if len(state.pending) >= config.pending_slates:
+        raise BufferFull(
+            f"{_slate_name(slate)}: {len(state.pending)} slates of user {state.user_id}'s "
+            "session already wait for their outcomes", "pending_slates", config.pending_slates,
+        )  # fmt: skip
+    _check_holdable(state, slate, config)
     pending = PendingSlate(
         request_id=request_id,
         step=slate.step,
@@ -466,7 +669,7 @@ def _not_in_slate(event: Impression | Click) -> str:
 
 
 def _name(event: Feedback) -> str:
-    return f"{type(event).__name__} {event.event_id}"
+    return f"{type(event).__name__} {_short(event.event_id)}"
 
 
 def _advance(view: UserView, slate: PendingSlate, config: FoldConfig) -> UserView:

@@ -206,3 +206,65 @@ def test_the_judge_knows_the_streams_workers_name_in_dead_letter_headers():
     from recloop.streams.app import CONSUMER_NAME
 
     assert STREAMS_CONSUMER == CONSUMER_NAME
+
+
+def _long_session(user: str, steps: int) -> tuple[list[SlateServed], list, list]:
+    """One user's session of ``steps`` slates as the live worker folds it (each slate, then
+    its feedback, as the simulator sends them), with the transitions that gives."""
+    slates, feedback, live, state = [], [], [], None
+    for step in range(steps):
+        slate = _slate(user, step)
+        answer = slate_feedback(user, f"{user}-s0", slate.request_id, slate.items,
+                                0 if step % 3 == 0 else None, 1.0, 200.0 + step)  # fmt: skip
+        slates.append(slate)
+        feedback += answer
+        for event in [slate, *answer]:
+            state, out = fold.apply(state, event)
+            live += out
+    end = SessionEnd(event_id=f"{user}-end", user_id=user, session_id=f"{user}-s0",
+                     steps=steps, ts=900.0)  # fmt: skip
+    feedback.append(end)
+    state, out = fold.apply(state, end)
+    return slates, feedback, live + out
+
+
+def test_the_replay_of_a_session_longer_than_the_buffer_caps_emits_what_the_worker_did():
+    # The slates-first order holds the whole session: 100 pending slates, past the worker's
+    # pending_slates (64), which the live worker, answered slate by slate, never nears. The
+    # bounded-state commit ae74f88 replayed with the worker's caps and refused 36 of them.
+    steps = 100
+    assert steps > fold.DEFAULT.pending_slates
+    slates, feedback, live = _long_session("u1", steps)
+    assert len(live) == steps
+    rows = [(TOPICS.slates, 0, i, s) for i, s in enumerate(slates)]
+    rows_fb = [(TOPICS.feedback, 0, i, f) for i, f in enumerate(feedback)]
+    assert replay(rows, rows_fb) == {t.transition_id: t for t in live}
+    # With the worker's own caps the slates-first order would refuse what the worker took.
+    assert len(replay(rows, rows_fb, config=fold.DEFAULT)) < steps
+
+
+def test_a_slate_the_worker_refused_for_a_cap_is_left_out_and_counted():
+    world = _world()
+    # The worker refused u2's last slate for a cap (so the slate before it ended the session
+    # as the terminal transition, and the refused one emitted nothing).
+    refused = next(i for i, s in enumerate(world["slates"]) if s.request_id == f"u2-r{STEPS - 1}")
+    state, live = None, []
+    for event in [*world["slates"], *world["feedback"]]:
+        if event.user_id != "u2" or event is world["slates"][refused]:
+            continue
+        try:
+            state, out = fold.apply(state, event)
+        except fold.InvalidEvent:
+            continue
+        live += out
+    world["transitions"] = [t for t in world["transitions"] if t.user_id != "u2"] + live
+    evidence = _evidence(world)
+    reason = f"SlateServed u2-r{STEPS - 1}: ... ({fold.BUFFER_FULL} pending_slates=64)"
+    evidence.records[TOPICS.dlq(TOPICS.slates)] = [TopicRecord(0, 0, b"{}", {
+        dlq.HEADER_ERROR: reason, dlq.HEADER_TOPIC: TOPICS.slates, dlq.HEADER_PARTITION: "0",
+        dlq.HEADER_OFFSET: str(refused), dlq.HEADER_CONSUMER: STREAMS_CONSUMER,
+    })]  # fmt: skip
+    verdict = judge(evidence)
+    assert verdict.failures == []
+    assert verdict.counts["buffer_full"] == {"pending_slates": 1}
+    assert judge(_evidence(_world())).counts["buffer_full"] == {}

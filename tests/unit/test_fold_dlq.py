@@ -66,7 +66,7 @@ def test_fold_step_dead_letters_early_feedback_that_overflows_the_buffer():
     for refused, headers in letters:
         assert headers[HEADER_ERROR] == (
             f"{type(refused).__name__} {refused.event_id}: 4 feedback records already wait "
-            f"for their slates for user {U} (early_feedback=4)"
+            f"for their slates for user {U} (buffer full: early_feedback=4)"
         )
     _publish(bus, TOPICS.slates, slates)
     step.step()
@@ -115,7 +115,7 @@ def test_batch_folder_rejects_overflow_and_contradicting_buffered_feedback():
         (5, "Impression r1-i0"), (6, "Impression r1-i1"), (7, "Impression r1-i2"),
         (8, "SessionEnd s1-end"),
     ]  # fmt: skip
-    assert all("(early_feedback=5)" in reason for _, reason in first.rejects)
+    assert all("(buffer full: early_feedback=5)" in reason for _, reason in first.rejects)
     [(_, _, state)] = first.states.values()
     second = folder.fold(_raw(slates, TOPICS.slates), {U.encode(): state}.get)
     [(record, reason)] = second.rejects
