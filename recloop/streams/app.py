@@ -327,7 +327,7 @@ class StreamsApp:
         except Exception as exc:
             log.warning(
                 "streams: a stored state of %r on %s[%d]@%d does not decode: %s",
-                message.key, message.topic, message.partition, message.offset, exc,
+                (message.key or b"")[:100], message.topic, message.partition, message.offset, exc,
             )  # fmt: skip
             self.open_sessions.pop(message.key, None)
             return

@@ -145,6 +145,7 @@ class BatchFolder:
         loaded: dict[bytes, FoldState | None] = {}
         current: dict[bytes, FoldState | None] = {}
         partitions: dict[bytes, int] = {}
+        fold_failures = 0
         for record in records:
             try:
                 event = decode(record)
@@ -164,16 +165,20 @@ class BatchFolder:
                 rejects.append((record, str(exc)))
                 continue
             except Exception as exc:  # a bug in the fold, or a value the codec let through
-                log.warning(
-                    "streams: the fold raised on %s[%d]@%d; the record is dead-lettered",
-                    record.topic, record.partition, record.offset, exc_info=True,
-                )  # fmt: skip
+                if not fold_failures:  # the traceback once per batch, not once per record
+                    log.warning(
+                        "streams: the fold raised on %s[%d]@%d; the record is dead-lettered",
+                        record.topic, record.partition, record.offset, exc_info=True,
+                    )  # fmt: skip
+                fold_failures += 1
                 rejects.append((record, f"the fold failed: {reason(exc)}"))
                 continue
             current[key] = state
             if out:
                 partition = partitions[key]
                 transitions.extend((key, partition, t) for t in out)
+        if fold_failures > 1:
+            log.warning("streams: the fold raised on %d records of this batch", fold_failures)
         encode = codec.encode
         for key, state in current.items():
             if state is not None and state.early_feedback:
@@ -196,7 +201,7 @@ class BatchFolder:
             return as_state(stored)
         except Exception as exc:  # a hostile stored value must not stop the worker either
             raw = bytes(stored) if isinstance(stored, bytes | bytearray | memoryview) else None
-            log.warning("streams: the stored state of %r does not decode: %s", key, exc)
+            log.warning("streams: the stored state of %r does not decode: %s", key[:100], exc)
             why = f"stored session state does not decode ({reason(exc)}); it counts as absent"
             result.rejects.append((RawRecord(self.state_topic, partition, -1, key, raw), why))
             result.unreadable.add(key)
