@@ -27,7 +27,6 @@ from recloop.serving.snapshots import InstallResult, SnapshotInstaller
 from recloop.serving.split import TrafficSplit
 from tests.unit.test_serving_snapshots import N_ITEMS, load_score_policy, publish, request
 
-
 KEY = "test-snapshot-key"
 
 
