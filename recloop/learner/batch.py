@@ -18,7 +18,12 @@ F item features):
   an empty candidate list means "the whole catalogue" and gives N = 0 for that row;
 - slate features are looked up by finding each slate item among the row's candidates
   (``slate_cand_idx_BK``, -1 when absent, features then zero);
-- ``chosen_B`` indexes into the slate, -1 = no click.
+- ``chosen_B`` indexes into the slate, -1 = no click;
+- an item id outside the catalogue (``[0, spec.n_items)``) counts as absent, -1, wherever it
+  is (history, candidates, slates, the chosen item): no network has a row for it, and an id
+  past int64 would not even convert. The learner refuses such transitions before they get
+  here (``refusal``; the contract's decoder refuses ids past int64 already); this keeps a
+  transition that got in anyway from crashing every update that samples it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,32 @@ import torch
 from recloop.core.events import Transition, UserView
 from recloop.core.ports import Candidates, Observation
 from recloop.core.spec import WorldSpec
+
+
+def refusal(transition: Transition, spec: WorldSpec) -> str | None:
+    """Why the learner must not learn from ``transition`` (an item id outside the catalogue),
+    or None. For the consumer to dead-letter it with this reason before ``learn_many``."""
+    n = spec.n_items
+    rows = (transition.state.history, transition.next_state.history, transition.slate,
+            transition.candidates, transition.next_slate, transition.next_candidates)  # fmt: skip
+    for row in rows:
+        if row and not (min(row) >= 0 and max(row) < n):
+            bad = next(i for i in row if not 0 <= i < n)
+            return (f"transition {transition.transition_id[:64]!r}: item {str(bad)[:32]} is "
+                    f"outside the catalogue [0, {n})")  # fmt: skip
+    chosen = transition.chosen_item
+    if chosen is not None and not 0 <= chosen < n:
+        return (f"transition {transition.transition_id[:64]!r}: chosen item {str(chosen)[:32]} "
+                f"is outside the catalogue [0, {n})")  # fmt: skip
+    return None
+
+
+def _in_catalogue(ids: Sequence[int], n_items: int) -> Sequence[int]:
+    """``ids`` with each id outside ``[0, n_items)`` as -1 (module docstring); the common,
+    clean row comes back as is, checked in C."""
+    if not ids or (min(ids) >= 0 and max(ids) < n_items):
+        return ids
+    return [i if 0 <= i < n_items else -1 for i in ids]
 
 
 @dataclass(frozen=True)
@@ -118,7 +149,7 @@ def _views_arrays(views: Sequence[UserView], spec: WorldSpec):
                 o = np.asarray(r, np.float32)[:U]
                 obs_BU[b, : o.shape[0]] = o
     for b, view in enumerate(views):
-        recent = view.history[-H:]
+        recent = _in_catalogue(view.history[-H:], spec.n_items)
         if recent:
             hist_BH[b, : len(recent)] = recent
     return obs_BU, hist_BH
@@ -126,6 +157,7 @@ def _views_arrays(views: Sequence[UserView], spec: WorldSpec):
 
 def _candidate_arrays(cands: Sequence[Sequence[int]], feats: Sequence[Sequence], spec: WorldSpec):
     B, F = len(cands), spec.item_feature_dim
+    cands = [_in_catalogue(c, spec.n_items) for c in cands]
     N = max((len(c) for c in cands), default=0)
     if N and all(len(c) == N for c in cands) and (
             not F or all(len(r) == N and len(r[0]) == F for r in feats)):
@@ -157,10 +189,10 @@ def _slate_lookup(slates_BK: np.ndarray, ids_BN: np.ndarray, feat_BNF: np.ndarra
     return idx_BK, feat_BKF * found_BK[:, :, None]
 
 
-def _slates(slates: Sequence[Sequence[int]], K: int) -> np.ndarray:
+def _slates(slates: Sequence[Sequence[int]], K: int, n_items: int) -> np.ndarray:
     out_BK = np.full((len(slates), K), -1, np.int64)
     for b, items in enumerate(slates):
-        items = list(items)[:K]
+        items = list(_in_catalogue(items, n_items))[:K]
         if items:
             out_BK[b, : len(items)] = items
     return out_BK
@@ -177,14 +209,14 @@ def to_batch(transitions: Sequence[Transition], spec: WorldSpec) -> TransitionBa
     ids_BN, feat_BNF = _candidate_arrays(
         [t.candidates for t in transitions], [t.candidate_features for t in transitions], spec
     )
-    slate_BK = _slates([t.slate for t in transitions], K)
+    slate_BK = _slates([t.slate for t in transitions], K, spec.n_items)
     idx_BK, sfeat_BKF = _slate_lookup(slate_BK, ids_BN, feat_BNF)
     prop_BK = np.zeros((B, K), np.float32)
     chosen_B = np.full(B, -1, np.int64)
     for b, t in enumerate(transitions):
         p = np.asarray(t.propensities, np.float32)[:K]
         prop_BK[b, : p.shape[0]] = p
-        if t.chosen_item is not None:
+        if t.chosen_item is not None and 0 <= t.chosen_item < spec.n_items:
             pos = t.chosen_position
             if pos is None or pos >= K or slate_BK[b, pos] != t.chosen_item:
                 hits = np.flatnonzero(slate_BK[b] == t.chosen_item)
@@ -192,7 +224,7 @@ def to_batch(transitions: Sequence[Transition], spec: WorldSpec) -> TransitionBa
             chosen_B[b] = pos
     # The next request's slate and candidates (zero-width rows where there is no successor).
     has_next_B = np.array([len(t.next_slate) > 0 for t in transitions], bool)
-    nslate_BK = _slates([t.next_slate for t in transitions], K)
+    nslate_BK = _slates([t.next_slate for t in transitions], K, spec.n_items)
     nids_BN, nfeat_BNF = _candidate_arrays(
         [t.next_candidates for t in transitions],
         [t.next_candidate_features for t in transitions], spec
@@ -215,7 +247,8 @@ def to_batch(transitions: Sequence[Transition], spec: WorldSpec) -> TransitionBa
         cand_features_BNF=t_(feat_BNF),
         slate_features_BKF=t_(sfeat_BKF),
         chosen_B=t_(chosen_B),
-        chosen_item_B=t_(np.array([-1 if t.chosen_item is None else t.chosen_item
+        chosen_item_B=t_(np.array([t.chosen_item if t.chosen_item is not None
+                                   and 0 <= t.chosen_item < spec.n_items else -1
                                    for t in transitions], np.int64)),
         reward_B=t_(np.array([t.reward for t in transitions], np.float32)),
         done_B=t_(np.array([float(t.done) for t in transitions], np.float32)),
