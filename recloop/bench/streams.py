@@ -16,6 +16,11 @@ The ratio faust/raw is the price of faust's machinery. Both are also given per C
 of the process doing the work (the worker's, from ``/proc``; the loop's own): on a shared
 machine the wall-clock rates move with other load, the CPU cost per event much less. The
 last line printed is one JSON object with every figure.
+
+``fold_bench`` (``python -m recloop.bench.streams``) is the fold alone, without a broker:
+the same ``BatchFolder`` over the same synthetic backlog's raw records, in causal order and
+in topic-grouped fetches (a fetch of slates, then one of feedback, as a backlog is read),
+states kept in a dict; events per CPU-second, the median of ``repeats`` runs.
 """
 
 from __future__ import annotations
@@ -70,6 +75,44 @@ class BenchConfig:
     timeout_s: float = 300.0
     """Give up on a phase after this long."""
     seed: int = 0
+
+
+def fold_bench(cfg: BenchConfig, repeats: int = 3, fetch: int = 3000) -> dict[str, Any]:
+    """The fold's own rate over the synthetic backlog, in two orders (module docstring)."""
+    events = causal_events(
+        SyntheticConfig(users=cfg.users, sessions=cfg.sessions, steps=cfg.steps, seed=cfg.seed)
+    )
+    slates, feedback = split_topics(events)
+    slates_topic, feedback_topic = "slates", "feedback"
+
+    def raw(records: list[Record], topic: Any) -> list[RawRecord]:
+        return [RawRecord(topic(r), 0, i, r.user_id.encode(), codec.encode(r))  # type: ignore[attr-defined]
+                for i, r in enumerate(records)]  # fmt: skip
+
+    slate_ids = {id(s) for s in slates}
+    causal = raw(events, lambda r: slates_topic if id(r) in slate_ids else feedback_topic)
+    raw_slates = raw(slates, lambda _: slates_topic)
+    raw_feedback = raw(feedback, lambda _: feedback_topic)
+    grouped: list[RawRecord] = []
+    for i in range(0, max(len(raw_slates), len(raw_feedback)), fetch):
+        grouped += raw_slates[i : i + fetch] + raw_feedback[i : i + fetch]
+    figures: dict[str, Any] = {"bench": "streams-fold", "events": len(events)}
+    for name, records in (("causal", causal), ("topic_grouped", grouped)):
+        seconds = sorted(_fold_seconds(records, cfg.batch_size) for _ in range(repeats))
+        figures[f"{name}_events_per_cpu_s"] = round(len(records) / seconds[len(seconds) // 2])
+        figures[f"{name}_cpu_s"] = [round(x, 3) for x in seconds]
+    return figures
+
+
+def _fold_seconds(records: list[RawRecord], batch_size: int) -> float:
+    folder = BatchFolder("slates", "feedback", FoldConfig())
+    states: dict[bytes, Any] = {}
+    start = time.process_time()
+    for i in range(0, len(records), batch_size):
+        result = folder.fold(records[i : i + batch_size], states.get)
+        for key, (_, _, state) in result.states.items():
+            states[key] = state
+    return time.process_time() - start
 
 
 def produce_backlog(settings: Settings, events: list[Record]) -> None:
@@ -299,3 +342,7 @@ def _measure(cfg: BenchConfig, bootstrap: str, work: Path, echo) -> dict[str, An
                 delete_topics(s, timeout=10)
             except Exception as exc:  # cleanup must not hide the figures
                 echo(f"(could not delete topics {s.topic_prefix}*: {exc})")
+
+
+if __name__ == "__main__":
+    print(json.dumps(fold_bench(BenchConfig())))
