@@ -11,6 +11,41 @@ event ids are strings; items are integer ids into the catalogue. Float fields us
 JSON wire msgspec's parser already refuses them (NaN and Infinity are not JSON, 1e999
 overflows); the bounds make every other decoder refuse them too (``msgspec.convert`` from
 Python objects, MessagePack), so the contract does not rest on the format.
+
+Sizes are bounded in the contract, so no record, however hostile, decodes into more than
+its limits allow (a decoder refuses a longer list or string, a larger item id, as it
+refuses a wrong type). The limits are generous for every world preset (``tiny_world``:
+6 items, slate 2; ``interest_evolution``: 10,000 items, 20 features, 10 candidates, slate 3;
+``large_catalogue``: 100,000 items, 32-d, no candidate list, slate 5; the serving bench:
+100 candidates of 32 features) and they name the outer bounds only: a consumer may cap
+below them (the streams fold caps session state far lower), and every record is also
+bounded in bytes (``recloop.core.dlq.MAX_RECORD_BYTES``) before it is decoded at all.
+
+- ``MAX_ID_CHARS`` (256): user, session, request, event and transition ids, policy and
+  algorithm names, reasons. The simulator's ids are ``<run>-u<n>-s<n>-r<step>``, tens of
+  characters; a transition id is 32 hex digits.
+- ``MAX_ITEM_ID`` (2**63 - 1): an item id is ``0 <= id <= MAX_ITEM_ID``, so it fits the
+  int64 arrays of the learner and serving; whether it names an item of *the* catalogue is
+  checked where a catalogue is known (serving).
+- ``MAX_COUNT`` (2**63 - 1): steps, positions, versions and other counts fit int64 too.
+- ``MAX_CANDIDATES`` (10,000): candidates offered per request (presets offer 0-100; an
+  interest-evolution catalogue is 10,000 items, so even "every item" fits), and rows of
+  ``candidate_features``.
+- ``MAX_FEATURE_DIM`` (1,024): the width of a candidate-feature row (presets: 6, 20, 32).
+- ``MAX_OBSERVATION`` (1,024): a user observation's length (presets: 6, 20, 32).
+- ``MAX_SLATE`` (1,024): a slate's items, scores and propensities, impressed positions,
+  ``k`` and a position (presets serve 2-5).
+- ``MAX_HISTORY`` (1,024): a view's recent positive items and rewards (the fold keeps 10).
+- ``MAX_PENDING_SLATES`` (1,024), ``MAX_PARKED_SLATES`` (1,024), ``MAX_BUFFERED_FEEDBACK``
+  (4,096), ``MAX_DONE_REQUESTS`` (4,096), ``MAX_PAST_SESSIONS`` (1,024): the lists of a
+  ``SessionState`` (an interest-evolution session is 60-90 slates and ~300 feedback records;
+  the fold's own caps are 64 parked, 1,024 buffered, 256 done, 8 past sessions).
+- ``MAX_MAP_KEYS`` (1,024): entries of a map such as ``EpisodeOutcome.policy_steps``.
+
+Nesting depth is fixed by the schema (a ``SessionState`` is the deepest, six levels). An
+unknown field may nest deeper: msgspec skips it recursively and raises ``RecursionError``
+past Python's recursion limit (about 1,000 levels, fewer when called from deep in a stack);
+``recloop.core.codec`` turns that, like any other failure, into ``RecordDecodeError``.
 """
 
 from __future__ import annotations
@@ -23,7 +58,39 @@ _MAX = 1.7976931348623157e308
 # NaN fails every comparison and inf exceeds the bounds, so this type admits finite floats only.
 Finite = Annotated[float, msgspec.Meta(ge=-_MAX, le=_MAX)]
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+
+MAX_ID_CHARS = 256
+MAX_ITEM_ID = 2**63 - 1
+MAX_COUNT = 2**63 - 1
+MAX_CANDIDATES = 10_000
+MAX_FEATURE_DIM = 1_024
+MAX_OBSERVATION = 1_024
+MAX_SLATE = 1_024
+MAX_HISTORY = 1_024
+MAX_PENDING_SLATES = 1_024
+MAX_PARKED_SLATES = 1_024
+MAX_BUFFERED_FEEDBACK = 4_096
+MAX_DONE_REQUESTS = 4_096
+MAX_PAST_SESSIONS = 1_024
+MAX_MAP_KEYS = 1_024
+
+Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
+ItemId = Annotated[int, msgspec.Meta(ge=0, le=MAX_ITEM_ID)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+Position = Annotated[int, msgspec.Meta(ge=0, lt=MAX_SLATE)]
+SlateSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_SLATE)]
+Observation = Annotated[list[Finite], msgspec.Meta(max_length=MAX_OBSERVATION)]
+CandidateIds = Annotated[list[ItemId], msgspec.Meta(max_length=MAX_CANDIDATES)]
+FeatureRows = Annotated[
+    list[Annotated[list[Finite], msgspec.Meta(max_length=MAX_FEATURE_DIM)]],
+    msgspec.Meta(max_length=MAX_CANDIDATES),
+]
+SlateItems = Annotated[list[ItemId], msgspec.Meta(max_length=MAX_SLATE)]
+SlateScores = Annotated[list[Finite], msgspec.Meta(max_length=MAX_SLATE)]
+SlatePropensities = Annotated[list[Probability], msgspec.Meta(max_length=MAX_SLATE)]
+Positions = Annotated[list[Position], msgspec.Meta(max_length=MAX_SLATE)]
+History = Annotated[list[ItemId], msgspec.Meta(max_length=MAX_HISTORY)]
+HistoryRewards = Annotated[list[Finite], msgspec.Meta(max_length=MAX_HISTORY)]
 
 SCHEMA_VERSION = 1
 
@@ -44,15 +111,15 @@ class RecRequest(Record, frozen=True, kw_only=True):
     ``observation`` is what the user lets the recommender see of them.
     """
 
-    request_id: str
-    user_id: str
-    session_id: str
-    step: NonNegInt
+    request_id: Id
+    user_id: Id
+    session_id: Id
+    step: Count
     ts: Finite
-    k: Annotated[int, msgspec.Meta(ge=1)]
-    observation: list[Finite] = []
-    candidates: list[int] = []
-    candidate_features: list[list[Finite]] = []
+    k: SlateSize
+    observation: Observation = []
+    candidates: CandidateIds = []
+    candidate_features: FeatureRows = []
 
 
 class SlateServed(Record, frozen=True, kw_only=True):
@@ -62,20 +129,20 @@ class SlateServed(Record, frozen=True, kw_only=True):
     ``items[i]`` appears in the slate, as the policy drew it.
     """
 
-    request_id: str
-    user_id: str
-    session_id: str
-    step: NonNegInt
+    request_id: Id
+    user_id: Id
+    session_id: Id
+    step: Count
     ts: Finite
     request_ts: Finite
-    items: list[int]
-    scores: list[Finite]
-    propensities: list[Probability]
-    policy: str
-    policy_version: NonNegInt
-    candidates: list[int] = []
-    candidate_features: list[list[Finite]] = []
-    observation: list[Finite] = []
+    items: SlateItems
+    scores: SlateScores
+    propensities: SlatePropensities
+    policy: Id
+    policy_version: Count
+    candidates: CandidateIds = []
+    candidate_features: FeatureRows = []
+    observation: Observation = []
 
 
 class SlateAnswer(Record, frozen=True, kw_only=True, tag="SlateServed"):
@@ -88,24 +155,24 @@ class SlateAnswer(Record, frozen=True, kw_only=True, tag="SlateServed"):
     decode (and dead-letter) full slates.
     """
 
-    request_id: str
-    user_id: str
-    session_id: str
-    items: list[int]
-    policy: str
-    policy_version: NonNegInt
+    request_id: Id
+    user_id: Id
+    session_id: Id
+    items: SlateItems
+    policy: Id
+    policy_version: Count
 
 
 class Impression(Record, frozen=True, kw_only=True):
     """One shown item. ``clicked`` tells whether a Click for this impression follows."""
 
-    event_id: str
-    user_id: str
-    session_id: str
-    request_id: str
-    item: int
-    position: NonNegInt
-    slate_size: Annotated[int, msgspec.Meta(ge=1)]
+    event_id: Id
+    user_id: Id
+    session_id: Id
+    request_id: Id
+    item: ItemId
+    position: Position
+    slate_size: SlateSize
     clicked: bool
     ts: Finite
 
@@ -113,12 +180,12 @@ class Impression(Record, frozen=True, kw_only=True):
 class Click(Record, frozen=True, kw_only=True):
     """The user consumed ``item``; ``reward`` is the engagement it earned (watch time)."""
 
-    event_id: str
-    user_id: str
-    session_id: str
-    request_id: str
-    item: int
-    position: NonNegInt
+    event_id: Id
+    user_id: Id
+    session_id: Id
+    request_id: Id
+    item: ItemId
+    position: Position
     reward: Finite
     ts: Finite
 
@@ -130,12 +197,12 @@ class SessionEnd(Record, frozen=True, kw_only=True):
     slates and feedback on separate topics wait until they have seen that many outcomes.
     """
 
-    event_id: str
-    user_id: str
-    session_id: str
-    steps: NonNegInt
+    event_id: Id
+    user_id: Id
+    session_id: Id
+    steps: Count
     ts: Finite
-    reason: str = "budget"
+    reason: Id = "budget"
 
 
 Feedback = Impression | Click | SessionEnd
@@ -144,29 +211,29 @@ Feedback = Impression | Click | SessionEnd
 class UserView(msgspec.Struct, frozen=True, kw_only=True):
     """What a policy may condition on: the user's observation and their recent positives."""
 
-    observation: list[Finite] = []
-    history: list[int] = []
-    history_rewards: list[Finite] = []
-    step: NonNegInt = 0
+    observation: Observation = []
+    history: History = []
+    history_rewards: HistoryRewards = []
+    step: Count = 0
     cumulative_reward: Finite = 0.0
 
 
 class PendingSlate(msgspec.Struct, frozen=True, kw_only=True):
     """A slate served to a user, with the feedback gathered for it so far."""
 
-    request_id: str
-    step: NonNegInt = 0
-    items: list[int]
-    propensities: list[Probability]
-    policy: str
-    policy_version: NonNegInt
-    candidates: list[int] = []
-    candidate_features: list[list[Finite]] = []
-    observation: list[Finite] = []
+    request_id: Id
+    step: Count = 0
+    items: SlateItems
+    propensities: SlatePropensities
+    policy: Id
+    policy_version: Count
+    candidates: CandidateIds = []
+    candidate_features: FeatureRows = []
+    observation: Observation = []
     served_ts: Finite
-    impressed_positions: list[int] = []
+    impressed_positions: Positions = []
     click_expected: bool = False
-    chosen_position: NonNegInt | None = None
+    chosen_position: Position | None = None
     reward: Finite = 0.0
     outcome_ts: Finite = 0.0
 
@@ -190,15 +257,15 @@ class SessionState(Record, frozen=True, kw_only=True):
     ``past_sessions`` names recent finished sessions, so late events of theirs are dropped.
     """
 
-    user_id: str
-    session_id: str
+    user_id: Id
+    session_id: Id
     view: UserView
     frontier: UserView = UserView()
-    pending: list[PendingSlate] = []
-    early_feedback: list[Feedback] = []
-    parked: list[SlateServed] = []
-    done_requests: list[str] = []
-    past_sessions: list[str] = []
+    pending: Annotated[list[PendingSlate], msgspec.Meta(max_length=MAX_PENDING_SLATES)] = []
+    early_feedback: Annotated[list[Feedback], msgspec.Meta(max_length=MAX_BUFFERED_FEEDBACK)] = []
+    parked: Annotated[list[SlateServed], msgspec.Meta(max_length=MAX_PARKED_SLATES)] = []
+    done_requests: Annotated[list[Id], msgspec.Meta(max_length=MAX_DONE_REQUESTS)] = []
+    past_sessions: Annotated[list[Id], msgspec.Meta(max_length=MAX_PAST_SESSIONS)] = []
     ended: bool = False
     last_event_ts: Finite = 0.0
 
@@ -212,24 +279,24 @@ class Transition(Record, frozen=True, kw_only=True):
     actually served next, which SARSA targets need; both are empty when ``done``.
     """
 
-    transition_id: str
-    user_id: str
-    session_id: str
-    request_id: str
+    transition_id: Id
+    user_id: Id
+    session_id: Id
+    request_id: Id
     state: UserView
-    slate: list[int]
-    propensities: list[Probability]
-    candidates: list[int] = []
-    candidate_features: list[list[Finite]] = []
-    policy: str
-    policy_version: NonNegInt
-    chosen_item: int | None = None
-    chosen_position: NonNegInt | None = None
+    slate: SlateItems
+    propensities: SlatePropensities
+    candidates: CandidateIds = []
+    candidate_features: FeatureRows = []
+    policy: Id
+    policy_version: Count
+    chosen_item: ItemId | None = None
+    chosen_position: Position | None = None
     reward: Finite = 0.0
     next_state: UserView
-    next_slate: list[int] = []
-    next_candidates: list[int] = []
-    next_candidate_features: list[list[Finite]] = []
+    next_slate: SlateItems = []
+    next_candidates: CandidateIds = []
+    next_candidate_features: FeatureRows = []
     done: bool = False
     served_ts: Finite
     outcome_ts: Finite
@@ -239,21 +306,27 @@ class PolicyPublished(Record, frozen=True, kw_only=True):
     """A learner published snapshot ``version`` of ``policy`` at ``path``.
 
     ``path`` is relative to the snapshot root that learner and servers share (each may mount
-    it in its own place), or absolute when the snapshot lies outside that root.
+    it in its own place); serving refuses an absolute path, ``..`` or a symlink out of the
+    root (``recloop.core.snapshot``), and with a snapshot key an announcement whose
+    ``signature`` does not check (``recloop.core.snapshot_auth``).
     """
 
-    policy: str
-    algorithm: str
-    version: NonNegInt
-    path: str
-    weights_sha256: str
-    manifest_sha256: str
+    policy: Id
+    algorithm: Id
+    version: Count
+    path: Annotated[str, msgspec.Meta(max_length=4 * MAX_ID_CHARS)]
+    weights_sha256: Id
+    manifest_sha256: Id
     created_ts: Finite
-    transitions_applied: NonNegInt = 0
-    metrics: dict[str, Finite] = {}
-    signature: str = ""
-    """The learner's HMAC-SHA256 of the announcement (``recloop.core.snapshot``), hex; empty
+    transitions_applied: Count = 0
+    metrics: Annotated[dict[Id, Finite], msgspec.Meta(max_length=MAX_MAP_KEYS)] = {}
+    signature: Id = ""
+    """The learner's HMAC-SHA256 of the announcement (``recloop.core.snapshot_auth``), hex; empty
     when the learner has no snapshot key."""
+
+
+PolicyStepKey = Annotated[str, msgspec.Meta(max_length=2 * MAX_ID_CHARS)]
+"""``"policy:version"``: a policy name and a version."""
 
 
 class EpisodeOutcome(Record, frozen=True, kw_only=True):
@@ -262,14 +335,14 @@ class EpisodeOutcome(Record, frozen=True, kw_only=True):
     ``policy_steps`` counts the slates served by each ``"policy:version"``.
     """
 
-    user_id: str
-    session_id: str
+    user_id: Id
+    session_id: Id
     ts: Finite
     total_return: Finite
-    steps: NonNegInt
-    clicks: NonNegInt
+    steps: Count
+    clicks: Count
     clicked_quality_sum: Finite = 0.0
-    policy_steps: dict[str, int] = {}
+    policy_steps: Annotated[dict[PolicyStepKey, Count], msgspec.Meta(max_length=MAX_MAP_KEYS)] = {}
 
 
 ALL_RECORD_TYPES: tuple[type[Record], ...] = (

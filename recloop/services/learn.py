@@ -98,7 +98,10 @@ class LearnerService:
     ) -> None:
         self.settings, self.config, self.spec, self.on_publish = settings, config, spec, on_publish
         self.topics = settings.topics
-        self.snapshots = snapshots or DiskSnapshots(settings.resolved_snapshot_dir, storage)
+        self.snapshots = snapshots or DiskSnapshots(
+            settings.resolved_snapshot_dir, storage, key=settings.snapshot_key,
+            max_weights_bytes=settings.snapshot_max_weights_bytes,
+        )  # fmt: skip
         self.agent = agent or registry.make_agent(config.algo, spec, config.seed,
                                                   **config.overrides)  # fmt: skip
         self.progress = publishing.Progress()

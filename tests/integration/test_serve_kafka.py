@@ -31,7 +31,7 @@ from recloop.core.dlq import (
 from recloop.core.events import PolicyPublished, RecRequest, SessionState, SlateServed, UserView
 from recloop.core.ports import Slate
 from recloop.core.settings import Settings
-from recloop.core.snapshot import WEIGHTS_FILE, write_snapshot
+from recloop.core.snapshot import WEIGHTS_FILE, announced_path, write_snapshot
 from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_consumer, make_producer
 from recloop.services.serve import ServeOptions, ServeService
 from recloop.serving.server import ServeConfig
@@ -64,9 +64,11 @@ def load_score_policy(algorithm, tensors, manifest):
 def snapshot(root: Path, version: int, scores_I: np.ndarray) -> PolicyPublished:
     manifest = {"algorithm": "score", "config": {}, "metrics": {}, "consumed_offsets": {},
                 "transitions_applied": version}  # fmt: skip
-    ref = write_snapshot(root, "learned", version, {"scores_I": scores_I}, manifest)
+    # Under the snapshot root of kafka_settings (home ``root``), named relative to it.
+    ref = write_snapshot(root / "snapshots", "learned", version, {"scores_I": scores_I}, manifest)
     return PolicyPublished(
-        policy="learned", algorithm="score", version=version, path=str(ref.path),
+        policy="learned", algorithm="score", version=version,
+        path=announced_path(root / "snapshots", ref.path),
         weights_sha256=ref.weights_sha256, manifest_sha256=ref.manifest_sha256,
         created_ts=ref.created_ts,
     )  # fmt: skip
@@ -249,7 +251,7 @@ def test_tampered_snapshot_is_refused_and_serving_keeps_answering(
         _wait_version(service, 1)
 
         tampered = snapshot(tmp_path, 2, scores_of(2))
-        weights = Path(tampered.path) / WEIGHTS_FILE
+        weights = tmp_path / "snapshots" / tampered.path / WEIGHTS_FILE
         data = bytearray(weights.read_bytes())
         data[-1] ^= 0xFF  # flip the bits of the last tensor byte
         weights.write_bytes(bytes(data))
@@ -338,9 +340,10 @@ def snapshot_replay(root: Path, version: int) -> PolicyPublished:
     """The announcement of an already-written old version again (a compacted-topic replay)."""
     from recloop.core.snapshot import describe_snapshot, snapshot_dir
 
-    ref = describe_snapshot(snapshot_dir(root, "learned", version))
+    ref = describe_snapshot(snapshot_dir(root / "snapshots", "learned", version))
     return PolicyPublished(
-        policy="learned", algorithm="score", version=version, path=str(ref.path),
+        policy="learned", algorithm="score", version=version,
+        path=announced_path(root / "snapshots", ref.path),
         weights_sha256=ref.weights_sha256, manifest_sha256=ref.manifest_sha256,
         created_ts=ref.created_ts,
     )  # fmt: skip

@@ -33,7 +33,7 @@ def test_a_restart_with_the_newest_snapshot_damaged_serves_the_one_before(
     client = Client(kafka_settings)
     client.announce(snapshot(tmp_path, 1, scores_of(1)))
     damaged = snapshot(tmp_path, 2, scores_of(2))
-    weights = Path(damaged.path) / WEIGHTS_FILE
+    weights = tmp_path / "snapshots" / damaged.path / WEIGHTS_FILE
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))

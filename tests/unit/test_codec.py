@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 
 import msgspec
 import pytest
@@ -17,6 +18,7 @@ prob = st.floats(min_value=0.0, max_value=1.0)
 ids = st.text(min_size=1, max_size=12)
 items = st.lists(st.integers(min_value=0, max_value=10**9), max_size=6)
 natural = st.integers(min_value=0, max_value=10**6)
+position = st.integers(min_value=0, max_value=events.MAX_SLATE - 1)
 views = st.builds(
     events.UserView,
     observation=st.lists(finite, max_size=4),
@@ -37,9 +39,9 @@ pending = st.builds(
     candidate_features=st.lists(st.lists(finite, max_size=3), max_size=3),
     observation=st.lists(finite, max_size=3),
     served_ts=finite,
-    impressed_positions=st.lists(natural, max_size=3),
+    impressed_positions=st.lists(position, max_size=3),
     click_expected=st.booleans(),
-    chosen_position=st.none() | natural,
+    chosen_position=st.none() | position,
     reward=finite,
     outcome_ts=finite,
 )
@@ -48,7 +50,6 @@ pending = st.builds(
 NATURAL_FIELDS = {
     "step",
     "steps",
-    "position",
     "policy_version",
     "version",
     "clicks",
@@ -75,11 +76,12 @@ def _strategy(record_type: type) -> st.SearchStrategy:
         "parked": st.deferred(lambda: st.lists(_strategy(events.SlateServed), max_size=1)),
         "metrics": st.dictionaries(ids, finite, max_size=3),
         "policy_steps": st.dictionaries(ids, natural, max_size=3),
-        "chosen_position": st.none() | natural,
+        "chosen_position": st.none() | position,
+        "position": position,
         "chosen_item": st.none() | st.integers(min_value=0, max_value=10**9),
         **{name: natural for name in NATURAL_FIELDS},
     }
-    fields = {f.name: f.type for f in msgspec.structs.fields(record_type)}
+    fields = {f.name: _bare(f.type) for f in msgspec.structs.fields(record_type)}
     chosen = {}
     for name, annotation in fields.items():
         if name == "v":
@@ -88,11 +90,11 @@ def _strategy(record_type: type) -> st.SearchStrategy:
             chosen[name] = overrides[name]
         elif annotation is str or annotation == "str":
             chosen[name] = ids
-        elif annotation == events.Finite:
+        elif annotation is float:
             chosen[name] = finite
-        elif annotation == list[list[events.Finite]]:
+        elif annotation == list[list[float]]:
             chosen[name] = st.lists(st.lists(finite, max_size=3), max_size=3)
-        elif annotation == list[events.Finite]:
+        elif annotation == list[float]:
             chosen[name] = st.lists(finite, max_size=4)
         elif annotation == list[int]:
             chosen[name] = items
@@ -101,10 +103,20 @@ def _strategy(record_type: type) -> st.SearchStrategy:
         elif annotation is bool:
             chosen[name] = st.booleans()
         elif annotation is int:
-            chosen[name] = st.integers(min_value=-(10**9), max_value=10**9)
+            chosen[name] = st.integers(min_value=0, max_value=10**9)
         else:
             raise AssertionError(f"no strategy for {record_type.__name__}.{name}: {annotation!r}")
     return st.builds(record_type, **chosen)
+
+
+def _bare(annotation: object) -> object:
+    """``annotation`` without its ``Annotated`` bounds (``list[Finite]`` -> ``list[float]``):
+    the strategies above already stay within every bound of the contract."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _bare(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) is list:
+        return list[_bare(typing.get_args(annotation)[0])]  # type: ignore[misc]
+    return annotation
 
 
 @pytest.mark.parametrize("record_type", events.ALL_RECORD_TYPES, ids=lambda t: t.__name__)
@@ -210,13 +222,60 @@ def test_non_finite_reward_is_refused(literal: bytes) -> None:
         codec.decode(raw, events.Click)
 
 
-@given(st.binary(max_size=64))
+_nasty = st.sampled_from([b"[", b"{\"x\":", b"1e308,", b"5e-324,", b"\"", b"\\u0000", b"\xff"])
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=64),
+        # Large and deep: a short piece repeated up to a million bytes (deeper than any
+        # recursion limit, over MAX_RECORD_BYTES), after a valid prefix or on its own.
+        st.tuples(
+            st.sampled_from([b"", b'{"type":"Click","v":1,"x":']),
+            _nasty,
+            st.integers(min_value=1, max_value=1_000_000 // 6),
+        ).map(lambda t: t[0] + t[1] * t[2]),
+    )
+)
 @settings(max_examples=200, deadline=None)
 def test_arbitrary_bytes_never_escape_as_another_error(data: bytes) -> None:
+    """Any bytes, up to the broker's limit: a record or ``RecordDecodeError``, nothing else
+    (the fuzz tier, ``test_fuzz_codec``, goes much further)."""
     try:
         codec.decode(data, events.Feedback)
     except RecordDecodeError as exc:
         assert "cannot decode" in str(exc)
+
+
+def test_a_deep_unknown_field_is_a_record_decode_error() -> None:
+    """The issue's 2.1 kB poison record: a 996-deep array in a field no record has."""
+    data = b'{"type":"Click","v":1,"junk":' + b"[" * 996 + b"]" * 996 + b"}"
+    with pytest.raises(RecordDecodeError, match="cannot decode"):
+        codec.decode(data, events.Feedback)
+
+
+def test_a_value_over_max_record_bytes_is_refused_unparsed() -> None:
+    from recloop.core.dlq import MAX_RECORD_BYTES
+
+    data = b'{"type":"Click","v":1,"pad":"' + b"p" * MAX_RECORD_BYTES + b'"}'
+    with pytest.raises(RecordDecodeError, match="over MAX_RECORD_BYTES"):
+        codec.decode(data, events.Feedback)
+
+
+def test_slow_floats_decode_fast_and_the_same() -> None:
+    """A large value full of msgspec's slowest floats takes the stdlib path and decodes to
+    the same record (or the same refusal) as msgspec would (how fast: ``recloop bench
+    decode`` and the fuzz tier's time bound)."""
+    obs = b"[" + b",".join([b"1e308", b"5e-324", b"0.5"] * 30_000) + b"]"
+    data = (b'{"type":"RecRequest","v":1,"request_id":"r","user_id":"u","session_id":"s",'
+            b'"step":0,"ts":1.0,"k":1,"candidate_features":[' + obs + b"]}")  # fmt: skip
+    with pytest.raises(RecordDecodeError, match="observation|candidate_features|length"):
+        codec.decode(data, events.RecRequest)  # 90,000 > MAX_FEATURE_DIM
+    ok = data.replace(obs, b"[" + b",".join([b"1e308", b"5e-324", b"0.5"] * 300) + b"]")
+    ok = ok.replace(b'"k":1,', b'"k":1,"observation":' + b"[1e200]" + b"," + b" " * 20_000)
+    record = codec.decode(ok, events.RecRequest)
+    assert record == msgspec.json.decode(ok, type=events.RecRequest)
+    assert record.candidate_features[0][:3] == [1e308, 5e-324, 0.5]
 
 
 def test_empty_value_is_refused() -> None:
