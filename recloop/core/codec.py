@@ -26,12 +26,11 @@ are refused by the parser in both paths).
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Hashable
 from functools import lru_cache
 from typing import Any, TypeVar, cast
-
-import json
-import re
 
 import msgspec
 
@@ -142,7 +141,7 @@ def decoder_for(
                 f"unsupported schema version {record.v} "
                 f"(this build reads {sorted(record.SUPPORTED_VERSIONS)})",
             )
-        return record  # type: ignore[no-any-return]
+        return record  # type: ignore[return-value]
 
     return decode_one
 

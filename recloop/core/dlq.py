@@ -22,6 +22,11 @@ MAX_RECORD_BYTES = 900_000
 """The largest record value any recloop consumer decodes; a larger one is dead-lettered
 truncated, undecoded. It lies below librdkafka's default ``message.max.bytes`` (1,000,000)
 so that an untruncated dead letter of an accepted record, headers included, still fits."""
+BROKER_MESSAGE_MAX_BYTES = 1_048_588
+"""The broker's ``message.max.bytes`` (Kafka's default, set explicitly on recloop's local
+broker and in compose): the largest record batch a topic takes. Every recloop client may
+send and fetch this much, so a record the broker took is always fetched, and the dead letter
+of any record a consumer decodes (at most ``MAX_RECORD_BYTES``, headers included) fits."""
 TRUNCATED_BYTES = 65_536
 """How much of a record a truncated dead letter keeps."""
 

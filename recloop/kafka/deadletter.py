@@ -14,6 +14,20 @@ confirms every pending dead letter, then commits past everything returned or dea
 A crash can repeat work (at-least-once; transitions carry deterministic ids) but never lose
 or skip a record.
 
+Hostile records cannot stop a reader or make it skip one:
+
+- a value over ``MAX_RECORD_BYTES`` is not decoded; it is dead-lettered truncated
+  (``recloop.core.dlq.truncated``, its size in ``HEADER_ORIGINAL_SIZE``);
+- a dead letter the bus refuses at once (librdkafka's ``MSG_SIZE_TOO_LARGE``, any error
+  of ``publish``) is sent truncated instead; if that is refused too, the record and every
+  one read after it are *held*, nothing past them is marked for commit, and the next
+  ``poll_batch`` starts with them (``PollStats.errors`` counts each try);
+- a position moves only past a record that was returned or whose dead letter was
+  published, so a record read but not handled is never committed past;
+- a flush in ``commit`` that fails (a dead letter the broker did not acknowledge) keeps the
+  reader from committing at all, now and later (``DeadLetterLost``): the process exits and
+  reads again from its last commit, so the dead letter is sent again, not lost.
+
 This module imports no Kafka client: the in-process loop uses it with ``MemoryBus``.
 """
 
@@ -25,9 +39,14 @@ from typing import Any
 
 from recloop import metrics
 from recloop.core import codec, topics
-from recloop.core.dlq import dlq_headers
+from recloop.core.dlq import MAX_RECORD_BYTES, dlq_headers, truncated
 from recloop.core.events import Record
-from recloop.core.ports import Bus, BusConsumer, Positions
+from recloop.core.ports import Bus, BusConsumer, BusMessage, Positions
+
+
+class DeadLetterLost(RuntimeError):
+    """A dead letter was not acknowledged by the bus: this reader must not commit again
+    (committing would skip its record); restart it to read from the last commit."""
 
 
 @dataclass(frozen=True)
@@ -63,13 +82,15 @@ def dead_letter(
     value: bytes,
     error: str,
     consumer: str,
+    original_size: int | None = None,
 ) -> None:
-    """Publish ``value`` unchanged to ``<topic>.dlq`` with the dead-letter headers.
+    """Publish ``value`` to ``<topic>.dlq`` with the dead-letter headers: unchanged, or (with
+    ``original_size``) as the truncated part of a record of that size.
 
     Only publishes: whoever commits past the source offset must flush first (``Reader``
     does).
     """
-    headers = dlq_headers(error, topic, partition, offset, consumer)
+    headers = dlq_headers(error, topic, partition, offset, consumer, original_size)
     bus.publish(f"{topic}{topics.DLQ_SUFFIX}", key, value, headers)
 
 
@@ -106,6 +127,8 @@ class Reader:
             tuning=tuning,
         )  # fmt: skip
         self._dlq_pending = False
+        self._dlq_lost: str | None = None
+        self._held: list[BusMessage] = []
         self._positions: Positions = {}
         self.stats = PollStats()
 
@@ -115,38 +138,92 @@ class Reader:
         return self._dlq_pending
 
     def poll_batch(self, max_records: int = 500, timeout: float = 1.0) -> list[Consumed]:
-        """Up to ``max_records`` decoded messages, waiting at most ``timeout`` seconds."""
+        """Up to ``max_records`` decoded messages, waiting at most ``timeout`` seconds.
+
+        Records held after a refused dead letter come first (see the module docstring)."""
+        if self._held:
+            messages, self._held = self._held, []
+        else:
+            messages = self.consumer.poll(max_records, timeout)
         out: list[Consumed] = []
-        for msg in self.consumer.poll(max_records, timeout):
+        for i, msg in enumerate(messages):
+            if not self._handle(msg, out):
+                self._held = messages[i:]
+                break
+            self._positions[(msg.topic, msg.partition)] = msg.offset + 1
+        return out
+
+    def _handle(self, msg: BusMessage, out: list[Consumed]) -> bool:
+        """Return ``msg`` decoded (into ``out``) or dead-letter it; False if neither could be
+        done (its dead letter was refused even truncated)."""
+        if len(msg.value) > MAX_RECORD_BYTES:
+            error = (f"record of {len(msg.value):,} bytes is over MAX_RECORD_BYTES "
+                     f"({MAX_RECORD_BYTES:,}); dead-lettered truncated, not decoded")  # fmt: skip
+            if not self._try_dead_letter(msg.topic, msg.partition, msg.offset, msg.key,
+                                         msg.value, error, whole=False):  # fmt: skip
+                return False
+        else:
             try:
                 record = codec.decode(msg.value, self.value_types[msg.topic])
             except codec.RecordDecodeError as exc:
-                self._dead_letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value,
-                                  str(exc))  # fmt: skip
-                metrics.DECODE_ERRORS.labels(self._process, msg.topic).inc()
+                if not self._try_dead_letter(msg.topic, msg.partition, msg.offset, msg.key,
+                                             msg.value, str(exc)):  # fmt: skip
+                    return False
             else:
                 metrics.RECORDS_IN.labels(self._process, msg.topic).inc()
                 out.append(Consumed(msg.topic, msg.partition, msg.offset, msg.key, record,
                                     msg.timestamp_ms, msg.value))  # fmt: skip
                 self.stats.returned += 1
-            self._positions[(msg.topic, msg.partition)] = msg.offset + 1
-        return out
+                return True
+        metrics.DECODE_ERRORS.labels(self._process, msg.topic).inc()
+        return True
 
     def dead_letter(self, item: Consumed, error: str) -> None:
         """Dead-letter a record that decoded but cannot be used, with its original bytes
         (a reader may decode only part of a record, so re-encoding could drop fields).
-        Pending until the next ``commit``."""
+        Pending until the next ``commit``; raises if the bus refuses it even truncated (the
+        caller must not go on past the record then)."""
         value = item.raw or codec.encode(item.value)
-        self._dead_letter(item.topic, item.partition, item.offset, item.key, value, error)
+        if not self._try_dead_letter(item.topic, item.partition, item.offset, item.key, value,
+                                     error):  # fmt: skip
+            raise DeadLetterLost(
+                f"{item.topic}[{item.partition}]@{item.offset}: the bus refused its dead "
+                f"letter ({self.stats.last_error})"
+            )
 
-    def _dead_letter(
+    def _try_dead_letter(
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes,
-        error: str,
-    ) -> None:  # fmt: skip
-        dead_letter(self.bus, topic, partition, offset, key, value, error, self.name)
+        error: str, *, whole: bool = True,
+    ) -> bool:  # fmt: skip
+        """Publish the dead letter whole (if ``whole``), else or on refusal truncated;
+        False if the bus refused both."""
+        if whole:
+            try:
+                dead_letter(self.bus, topic, partition, offset, key, value, error, self.name)
+            except Exception as exc:  # noqa: BLE001 - any refusal: try the truncated letter
+                self._note_error(f"dead letter of {topic}[{partition}]@{offset} refused: {exc}")
+                error = f"{error}; the whole record was refused as a dead letter ({exc})"
+            else:
+                self._dead_lettered(topic)
+                return True
+        try:
+            dead_letter(self.bus, topic, partition, offset, key, truncated(value), error,
+                        self.name, original_size=len(value))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - held, tried again at the next poll
+            self._note_error(f"truncated dead letter of {topic}[{partition}]@{offset} "
+                             f"refused: {exc}")  # fmt: skip
+            return False
+        self._dead_lettered(topic)
+        return True
+
+    def _dead_lettered(self, topic: str) -> None:
         self._dlq_pending = True
         self.stats.dead_lettered += 1
         metrics.DLQ.labels(self._process, topic).inc()
+
+    def _note_error(self, message: str) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = message[:1000]
 
     def forget(self, partitions: Sequence[tuple[str, int]]) -> None:
         """Drop uncommitted positions of partitions this member lost (a rebalance)."""
@@ -160,8 +237,16 @@ class Reader:
         letter was lost would lose it. A commit that fails (the broker is away, a rebalance)
         keeps its positions for the next one, so a partition read once is still committed.
         """
+        if self._dlq_lost is not None:
+            raise DeadLetterLost(self._dlq_lost)
         if self._dlq_pending:
-            self.bus.flush(flush_timeout)
+            try:
+                self.bus.flush(flush_timeout)
+            except Exception as exc:
+                # The lost dead letter's record lies behind the positions: never commit them.
+                self._dlq_lost = f"a dead letter was not acknowledged ({exc}); restart to read again"
+                self._positions = {}
+                raise DeadLetterLost(self._dlq_lost) from exc
             self._dlq_pending = False
         if not self._positions:
             return {}

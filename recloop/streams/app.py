@@ -75,6 +75,7 @@ from typing import Any, Protocol
 import faust
 
 from recloop.core import codec
+from recloop.core.dlq import BROKER_MESSAGE_MAX_BYTES
 from recloop.core.settings import Settings
 from recloop.streams import fold
 from recloop.streams.batch import BatchFolder, BatchResult, RawRecord, decode_state
@@ -92,12 +93,6 @@ log = logging.getLogger(__name__)
 CONSUMER_NAME = "streams"
 TABLE_NAME = "sessions"
 
-BROKER_MESSAGE_MAX_BYTES = 1_048_588
-"""The broker's ``message.max.bytes``, the largest record batch it accepts: Kafka's default,
-kept by recloop's local broker. The worker's producer may send requests this large and its
-consumer fetches this much per partition, so a record the broker took is always fetched and
-the dead letter of any record the worker decodes (at most ``core.dlq.MAX_RECORD_BYTES``)
-fits."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from recloop.core.events import SessionEnd
 from recloop.core.membus import DeliveryFailed, MemoryBus, partition_of
 from recloop.core.ports import Bus, BusConsumer
 from recloop.core.topics import Topics
-from recloop.kafka.deadletter import Reader
+from recloop.kafka.deadletter import DeadLetterLost, Reader
 
 TOPICS = Topics()
 
@@ -95,8 +95,9 @@ def test_a_commit_is_refused_while_a_dead_letter_is_unconfirmed() -> None:
     reader.dead_letter(item, "cannot use it")
     assert reader.dlq_pending
     bus.fail_next("the broker lost it")
-    with pytest.raises(DeliveryFailed):
+    with pytest.raises(DeadLetterLost) as info:
         reader.commit()
+    assert isinstance(info.value.__cause__, DeliveryFailed)  # the bus said why
     assert "g" not in bus.committed or bus.committed["g"] == {}
     [letter] = bus.records(TOPICS.dlq(TOPICS.feedback))
     assert codec.decode(letter.value, SessionEnd).user_id == "u1"  # re-encoded, same content

@@ -12,6 +12,7 @@ import socket
 import uuid
 from pathlib import Path
 
+from recloop.core.dlq import BROKER_MESSAGE_MAX_BYTES
 from recloop.ops.broker.jars import QUICK_JIT
 
 
@@ -70,6 +71,8 @@ def server_properties(port: int, controller_port: int, data_dir: Path) -> dict[s
         "log.cleaner.enable": "true",
         "log.cleaner.dedupe.buffer.size": "16777216",
         "num.partitions": "1",
+        # Explicit, since recloop's clients and dead letters are sized by it.
+        "message.max.bytes": str(BROKER_MESSAGE_MAX_BYTES),
     }
 
 
