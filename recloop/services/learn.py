@@ -45,6 +45,7 @@ from recloop.core.ports import Bus
 from recloop.core.settings import Settings
 from recloop.core.spec import WorldSpec
 from recloop.kafka.deadletter import Reader, fatal
+from recloop.learner import batch as learner_batch
 from recloop.learner import publishing, registry
 from recloop.learner.publishing import id_digest
 from recloop.services.learn_snapshots import DiskSnapshots, Resumed, Snapshots
@@ -174,6 +175,10 @@ class LearnerService:
                 self.lag.seen(consumed.partition, consumed.timestamp_ms)
             self.progress.consumed(consumed.topic, consumed.partition, consumed.offset)
             transition: Transition = consumed.value  # type: ignore[assignment]
+            problem = learner_batch.refusal(transition, self.spec)
+            if problem is not None:  # an item outside the catalogue: not learnable
+                self.reader.dead_letter(consumed, f"unlearnable transition: {problem}")
+                continue
             if self.window.fresh([transition.transition_id])[0]:
                 fresh.append(transition)
             else:

@@ -68,3 +68,22 @@ def test_the_learner_dead_letters_an_id_of_2_63_on_the_wire_and_goes_on(tmp_path
     assert applied == 20  # every valid transition around it was learned from
     [letter] = loop.bus.records(topics.dlq(topics.transitions))
     assert b"hostile-9223372036854775808" in letter.value
+
+
+def test_the_learner_dead_letters_an_item_outside_its_catalogue_and_goes_on(tmp_path: Path):
+    """10**15 is a valid id on the wire (int64) but names no item of the learner's world:
+    the learner dead-letters it with the reason instead of learning from it."""
+    loop = Loop(tmp_path)
+    topics = loop.settings.topics
+    hostile = _hostile(10**15)
+    loop.bus.publish(topics.transitions, hostile.user_id.encode(), codec.encode(hostile))
+    loop.produce(20)
+    learner = loop.learner()
+    try:
+        applied = learner.step() + learner.step()
+    finally:
+        learner.close()
+    assert applied == 20
+    [letter] = loop.bus.records(topics.dlq(topics.transitions))
+    assert b"hostile-1000000000000000" in letter.value
+    assert b"outside the catalogue" in dict(letter.headers)["recloop.dlq.error"]
