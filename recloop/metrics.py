@@ -27,6 +27,12 @@ DLQ = Counter(
 DECODE_ERRORS = Counter(
     "recloop_decode_errors_total", "Records that failed to decode", ["process", "topic"]
 )
+FOLD_OVERFLOW = Counter(
+    "recloop_fold_overflow_total",
+    "Records the streams fold refused because a bounded buffer of a user's session state "
+    "was full (dead-lettered)",
+    ["cap"],
+)
 LEARNER_LAG_MESSAGES = Gauge(
     "recloop_learner_lag_messages", "Transitions behind the log end", ["policy", "partition"]
 )

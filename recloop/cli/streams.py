@@ -81,6 +81,7 @@ def _metrics_observer(settings: Settings):
     from collections import Counter
 
     from recloop import metrics
+    from recloop.streams.fold import overflow_cap
 
     topics = settings.topics
     out_transitions = metrics.RECORDS_OUT.labels("streams", topics.transitions)
@@ -89,9 +90,12 @@ def _metrics_observer(settings: Settings):
     def observe(records, result) -> None:
         for topic, n in Counter(r.topic for r in records).items():
             metrics.RECORDS_IN.labels("streams", topic).inc(n)
-        for record, _ in result.rejects:
+        for record, reason in result.rejects:
             metrics.DLQ.labels("streams", record.topic).inc()
-            metrics.DECODE_ERRORS.labels("streams", record.topic).inc()
+            if (cap := overflow_cap(reason)) is not None:
+                metrics.FOLD_OVERFLOW.labels(cap).inc()
+            else:
+                metrics.DECODE_ERRORS.labels("streams", record.topic).inc()
         out_transitions.inc(len(result.transitions))
         out_states.inc(len(result.states))
 
