@@ -133,8 +133,6 @@ def decoder_for(
             raise RecordDecodeError(
                 expected, f"cannot be parsed ({type(exc).__name__}: {_short(exc)})"
             ) from None
-        if not isinstance(record, Record):
-            raise RecordDecodeError(expected, f"not a record ({type(record).__name__})")
         if record.v not in record.SUPPORTED_VERSIONS:
             raise RecordDecodeError(
                 type(record).__name__,

@@ -154,28 +154,22 @@ class Reader:
         return out
 
     def _handle(self, msg: BusMessage, out: list[Consumed]) -> bool:
-        """Return ``msg`` decoded (into ``out``) or dead-letter it; False if neither could be
+        """Return ``msg`` decoded (into ``out``) or dead-letter it (truncated if it is over
+        ``MAX_RECORD_BYTES``, which the codec refuses unparsed); False if neither could be
         done (its dead letter was refused even truncated)."""
-        if len(msg.value) > MAX_RECORD_BYTES:
-            error = (f"record of {len(msg.value):,} bytes is over MAX_RECORD_BYTES "
-                     f"({MAX_RECORD_BYTES:,}); dead-lettered truncated, not decoded")  # fmt: skip
+        try:
+            record = codec.decode(msg.value, self.value_types[msg.topic])
+        except codec.RecordDecodeError as exc:
+            whole = len(msg.value) <= MAX_RECORD_BYTES
             if not self._try_dead_letter(msg.topic, msg.partition, msg.offset, msg.key,
-                                         msg.value, error, whole=False):  # fmt: skip
+                                         msg.value, str(exc), whole=whole):  # fmt: skip
                 return False
-        else:
-            try:
-                record = codec.decode(msg.value, self.value_types[msg.topic])
-            except codec.RecordDecodeError as exc:
-                if not self._try_dead_letter(msg.topic, msg.partition, msg.offset, msg.key,
-                                             msg.value, str(exc)):  # fmt: skip
-                    return False
-            else:
-                metrics.RECORDS_IN.labels(self._process, msg.topic).inc()
-                out.append(Consumed(msg.topic, msg.partition, msg.offset, msg.key, record,
-                                    msg.timestamp_ms, msg.value))  # fmt: skip
-                self.stats.returned += 1
-                return True
-        metrics.DECODE_ERRORS.labels(self._process, msg.topic).inc()
+            metrics.DECODE_ERRORS.labels(self._process, msg.topic).inc()
+            return True
+        metrics.RECORDS_IN.labels(self._process, msg.topic).inc()
+        out.append(Consumed(msg.topic, msg.partition, msg.offset, msg.key, record,
+                            msg.timestamp_ms, msg.value))  # fmt: skip
+        self.stats.returned += 1
         return True
 
     def dead_letter(self, item: Consumed, error: str) -> None:
