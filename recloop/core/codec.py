@@ -35,7 +35,7 @@ from typing import Any, TypeVar, cast
 import msgspec
 
 from recloop.core.dlq import MAX_RECORD_BYTES
-from recloop.core.events import Record
+from recloop.core.events import V1_WITH_FEATURE_ROWS, Record
 
 R = TypeVar("R")
 
@@ -134,6 +134,13 @@ def decoder_for(
                 expected, f"cannot be parsed ({type(exc).__name__}: {_short(exc)})"
             ) from None
         if record.v not in record.SUPPORTED_VERSIONS:
+            if record.v == V1_WITH_FEATURE_ROWS:
+                raise RecordDecodeError(
+                    type(record).__name__,
+                    f"schema version 1 ({type(record).__name__} with candidate feature rows, "
+                    f"before the item catalogue) is no longer read; this build reads "
+                    f"{sorted(record.SUPPORTED_VERSIONS)}, with item ids only (docs/catalogue.md)",
+                )
             raise RecordDecodeError(
                 type(record).__name__,
                 f"unsupported schema version {record.v} "

@@ -29,9 +29,10 @@ bounded in bytes (``recloop.core.dlq.MAX_RECORD_BYTES``) before it is decoded at
   checked where a catalogue is known (serving).
 - ``MAX_COUNT`` (2**63 - 1): steps, positions, versions and other counts fit int64 too.
 - ``MAX_CANDIDATES`` (10,000): candidates offered per request (presets offer 0-100; an
-  interest-evolution catalogue is 10,000 items, so even "every item" fits), and rows of
-  ``candidate_features``.
-- ``MAX_FEATURE_DIM`` (1,024): the width of a candidate-feature row (presets: 6, 20, 32).
+  interest-evolution catalogue is 10,000 items, so even "every item" fits).
+- ``MAX_FEATURE_DIM`` (1,024): the width of an item's feature row (presets: 6, 20, 32).
+- ``MAX_CATALOGUE_ITEMS`` (100,000,000): items of a catalogue announcement (presets: 6 to
+  1,000,000); ``MAX_CHUNK_BYTES`` (524,288): the feature bytes of one ``ItemChunk``.
 - ``MAX_OBSERVATION`` (1,024): a user observation's length (presets: 6, 20, 32).
 - ``MAX_SLATE`` (1,024): a slate's items, scores and propensities, impressed positions,
   ``k`` and a position (presets serve 2-5).
@@ -73,6 +74,8 @@ MAX_BUFFERED_FEEDBACK = 4_096
 MAX_DONE_REQUESTS = 4_096
 MAX_PAST_SESSIONS = 1_024
 MAX_MAP_KEYS = 1_024
+MAX_CATALOGUE_ITEMS = 100_000_000
+MAX_CHUNK_BYTES = 524_288
 
 Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
 ItemId = Annotated[int, msgspec.Meta(ge=0, le=MAX_ITEM_ID)]
@@ -81,10 +84,6 @@ Position = Annotated[int, msgspec.Meta(ge=0, lt=MAX_SLATE)]
 SlateSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_SLATE)]
 Observation = Annotated[list[Finite], msgspec.Meta(max_length=MAX_OBSERVATION)]
 CandidateIds = Annotated[list[ItemId], msgspec.Meta(max_length=MAX_CANDIDATES)]
-FeatureRows = Annotated[
-    list[Annotated[list[Finite], msgspec.Meta(max_length=MAX_FEATURE_DIM)]],
-    msgspec.Meta(max_length=MAX_CANDIDATES),
-]
 SlateItems = Annotated[list[ItemId], msgspec.Meta(max_length=MAX_SLATE)]
 SlateScores = Annotated[list[Finite], msgspec.Meta(max_length=MAX_SLATE)]
 SlatePropensities = Annotated[list[Probability], msgspec.Meta(max_length=MAX_SLATE)]
@@ -92,7 +91,13 @@ Positions = Annotated[list[Position], msgspec.Meta(max_length=MAX_SLATE)]
 History = Annotated[list[ItemId], msgspec.Meta(max_length=MAX_HISTORY)]
 HistoryRewards = Annotated[list[Finite], msgspec.Meta(max_length=MAX_HISTORY)]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Version 2 (the item catalogue): requests, slates, session state and transitions carry item
+ids only; features are looked up in the catalogue (``recloop.core.catalogue``). Version 1
+records of those four types echoed every candidate's feature rows and are refused with a
+reason that says so; records whose shape did not change (feedback, outcomes, announcements)
+are read in both versions."""
+V1_WITH_FEATURE_ROWS = 1
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
@@ -102,7 +107,19 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tr
     v: int = SCHEMA_VERSION
 
 
-class RecRequest(Record, frozen=True, kw_only=True):
+class _IdsOnly(Record, frozen=True, kw_only=True):
+    """A record type whose version 1 carried candidate feature rows (no longer read)."""
+
+    SUPPORTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({SCHEMA_VERSION})
+
+
+class _Unchanged(Record, frozen=True, kw_only=True):
+    """A record type whose shape version 2 did not change: both versions are read."""
+
+    SUPPORTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({V1_WITH_FEATURE_ROWS, SCHEMA_VERSION})
+
+
+class RecRequest(_IdsOnly, frozen=True, kw_only=True):
     """A user asks for a slate of ``k`` items.
 
     ``candidates`` restricts the answer to those items (RecSim samples a candidate set each
@@ -119,10 +136,9 @@ class RecRequest(Record, frozen=True, kw_only=True):
     k: SlateSize
     observation: Observation = []
     candidates: CandidateIds = []
-    candidate_features: FeatureRows = []
 
 
-class SlateServed(Record, frozen=True, kw_only=True):
+class SlateServed(_IdsOnly, frozen=True, kw_only=True):
     """The answer to a RecRequest, with everything learning will need later.
 
     ``propensities[i]`` is the probability under the serving (behaviour) policy that
@@ -141,29 +157,10 @@ class SlateServed(Record, frozen=True, kw_only=True):
     policy: Id
     policy_version: Count
     candidates: CandidateIds = []
-    candidate_features: FeatureRows = []
     observation: Observation = []
 
 
-class SlateAnswer(Record, frozen=True, kw_only=True, tag="SlateServed"):
-    """The part of a ``SlateServed`` that a simulated user acts on: the same wire record,
-    decoded without the rest.
-
-    A slate echoes its request's candidate features for learning; the simulator never reads
-    them, and decoding them took a third of its CPU. The JSON is still checked whole, and
-    the fields named here as strictly as in ``SlateServed``; the streams fold and the learner
-    decode (and dead-letter) full slates.
-    """
-
-    request_id: Id
-    user_id: Id
-    session_id: Id
-    items: SlateItems
-    policy: Id
-    policy_version: Count
-
-
-class Impression(Record, frozen=True, kw_only=True):
+class Impression(_Unchanged, frozen=True, kw_only=True):
     """One shown item. ``clicked`` tells whether a Click for this impression follows."""
 
     event_id: Id
@@ -177,7 +174,7 @@ class Impression(Record, frozen=True, kw_only=True):
     ts: Finite
 
 
-class Click(Record, frozen=True, kw_only=True):
+class Click(_Unchanged, frozen=True, kw_only=True):
     """The user consumed ``item``; ``reward`` is the engagement it earned (watch time)."""
 
     event_id: Id
@@ -190,7 +187,7 @@ class Click(Record, frozen=True, kw_only=True):
     ts: Finite
 
 
-class SessionEnd(Record, frozen=True, kw_only=True):
+class SessionEnd(_Unchanged, frozen=True, kw_only=True):
     """The user's session is over (time budget spent, or gave up).
 
     ``steps`` is how many slates the user answered in the session; consumers that see
@@ -228,7 +225,6 @@ class PendingSlate(msgspec.Struct, frozen=True, kw_only=True):
     policy: Id
     policy_version: Count
     candidates: CandidateIds = []
-    candidate_features: FeatureRows = []
     observation: Observation = []
     served_ts: Finite
     impressed_positions: Positions = []
@@ -244,7 +240,7 @@ class PendingSlate(msgspec.Struct, frozen=True, kw_only=True):
         return all_seen and (not self.click_expected or self.chosen_position is not None)
 
 
-class SessionState(Record, frozen=True, kw_only=True):
+class SessionState(_IdsOnly, frozen=True, kw_only=True):
     """Per-user session state: the streams fold's value, compacted on ``session.state``.
 
     ``view`` is what serving conditions on: every known outcome applied. ``frontier`` is the
@@ -270,7 +266,7 @@ class SessionState(Record, frozen=True, kw_only=True):
     last_event_ts: Finite = 0.0
 
 
-class Transition(Record, frozen=True, kw_only=True):
+class Transition(_IdsOnly, frozen=True, kw_only=True):
     """One answered slate, ready for learning.
 
     ``transition_id`` is deterministic (user, session, request), so a re-emission after a
@@ -287,7 +283,6 @@ class Transition(Record, frozen=True, kw_only=True):
     slate: SlateItems
     propensities: SlatePropensities
     candidates: CandidateIds = []
-    candidate_features: FeatureRows = []
     policy: Id
     policy_version: Count
     chosen_item: ItemId | None = None
@@ -296,13 +291,12 @@ class Transition(Record, frozen=True, kw_only=True):
     next_state: UserView
     next_slate: SlateItems = []
     next_candidates: CandidateIds = []
-    next_candidate_features: FeatureRows = []
     done: bool = False
     served_ts: Finite
     outcome_ts: Finite
 
 
-class PolicyPublished(Record, frozen=True, kw_only=True):
+class PolicyPublished(_Unchanged, frozen=True, kw_only=True):
     """A learner published snapshot ``version`` of ``policy`` at ``path``.
 
     ``path`` is relative to the snapshot root that learner and servers share (each may mount
@@ -329,7 +323,7 @@ PolicyStepKey = Annotated[str, msgspec.Meta(max_length=2 * MAX_ID_CHARS)]
 """``"policy:version"``: a policy name and a version."""
 
 
-class EpisodeOutcome(Record, frozen=True, kw_only=True):
+class EpisodeOutcome(_Unchanged, frozen=True, kw_only=True):
     """Ground truth the simulator knows about one finished session (never used for learning).
 
     ``policy_steps`` counts the slates served by each ``"policy:version"``.
@@ -345,6 +339,37 @@ class EpisodeOutcome(Record, frozen=True, kw_only=True):
     policy_steps: Annotated[dict[PolicyStepKey, Count], msgspec.Meta(max_length=MAX_MAP_KEYS)] = {}
 
 
+class ItemChunk(Record, frozen=True, kw_only=True):
+    """Feature rows of the items ``first_item .. first_item + n - 1``: a piece of the catalogue.
+
+    ``features`` are the ``n x dim`` float32 values, little-endian, row-major (base64 in the
+    JSON wire format: a third of the size of decimal floats, and exact). Published on the
+    compacted ``items`` topic keyed by ``first_item``, so the topic always holds the newest
+    rows of every chunk and a process that joins late reads the whole catalogue from it
+    (``recloop.core.catalogue``). The byte length, the finiteness of every value and the
+    width are checked where chunks are assembled, not by the decoder.
+    """
+
+    first_item: ItemId
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_CATALOGUE_ITEMS)]
+    dim: Annotated[int, msgspec.Meta(ge=0, le=MAX_FEATURE_DIM)]
+    features: Annotated[bytes, msgspec.Meta(max_length=MAX_CHUNK_BYTES)]
+    ts: Finite = 0.0
+
+
+class CatalogueAnnounced(Record, frozen=True, kw_only=True):
+    """Catalogue ``version`` is complete on the ``items`` topic: ``n_items`` items (ids
+    ``0 .. n_items - 1``) of ``feature_dim`` features, whose matrix hashes to ``sha256``
+    (``recloop.core.catalogue.digest``). Published on the compacted ``catalogue`` topic after
+    every chunk of the version was acknowledged."""
+
+    version: Count
+    n_items: Annotated[int, msgspec.Meta(ge=1, le=MAX_CATALOGUE_ITEMS)]
+    feature_dim: Annotated[int, msgspec.Meta(ge=0, le=MAX_FEATURE_DIM)]
+    sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+    ts: Finite = 0.0
+
+
 ALL_RECORD_TYPES: tuple[type[Record], ...] = (
     RecRequest,
     SlateServed,
@@ -355,4 +380,6 @@ ALL_RECORD_TYPES: tuple[type[Record], ...] = (
     Transition,
     PolicyPublished,
     EpisodeOutcome,
+    ItemChunk,
+    CatalogueAnnounced,
 )

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     snapshot_max_weights_bytes: int = Field(
         default=1 << 30, ge=1, description="largest weights.safetensors a reader accepts"
     )
+    catalogue_wait_s: float = Field(
+        default=120.0, gt=0, description="how long a process waits for the first complete "
+        "catalogue on the items and catalogue topics before it gives up"
+    )
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables the endpoint")
     metrics_host: str = "127.0.0.1"
 

@@ -38,6 +38,10 @@ TOPIC_TABLE: tuple[TopicSpec, ...] = (
         "policy.snapshots", "policy", events.PolicyPublished, True, False, "learner -> serving"
     ),
     TopicSpec("sim.outcomes", "user_id", events.EpisodeOutcome, False, True, "sim -> dashboards"),
+    TopicSpec("items", "first_item", events.ItemChunk, True, False, "catalogue owner -> all"),
+    TopicSpec(
+        "catalogue", "catalogue", events.CatalogueAnnounced, True, False, "catalogue owner -> all"
+    ),
 )
 
 
@@ -88,6 +92,14 @@ class Topics:
     @property
     def outcomes(self) -> str:
         return self.name("sim.outcomes")
+
+    @property
+    def items(self) -> str:
+        return self.name("items")
+
+    @property
+    def catalogue(self) -> str:
+        return self.name("catalogue")
 
     def all(self) -> list[tuple[str, TopicSpec]]:
         """Every topic with its spec, resolved for this prefix (DLQs not included)."""
