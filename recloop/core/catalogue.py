@@ -67,7 +67,7 @@ def digest(features_NF: np.ndarray) -> str:
     """SHA-256 of a feature matrix: its shape, then its float32 little-endian bytes."""
     m = np.ascontiguousarray(features_NF, dtype="<f4")
     h = hashlib.sha256(f"recloop-catalogue:{m.shape[0]}x{m.shape[1]}:".encode())
-    h.update(memoryview(m).cast("B"))
+    h.update(m.data)
     return h.hexdigest()
 
 
