@@ -35,6 +35,7 @@ _COMMAND_MODULES = [
     "recloop.cli.streams",
     "recloop.cli.bench_loop",
     "recloop.cli.bench_decode",
+    "recloop.cli.catalogue",
 ]
 
 
