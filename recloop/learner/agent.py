@@ -7,7 +7,16 @@ in ``_snapshot_parts`` and implements
 ``update(batch) -> <its Metrics record>`` (or ``_update_on`` when a replay sample is more than
 a list of transitions). Hooks it may override: ``_entering`` (what a batch of transitions puts
 into replay), ``_snapshot_extra`` and ``_load_extra`` (arrays beyond modules, optimisers, the
-policy RNG, counters and replay).
+policy RNG, counters and replay), ``_batch`` (how a sample of transitions becomes tensors).
+
+The catalogue. ``catalogue`` is the ``recloop.core.catalogue.ItemCatalogue`` the agent looks
+item features up in (``set_catalogue``; None until then): every training batch takes its
+feature rows from it (``learner.batch.to_batch``), and the policy it shares ranks a request
+that names no candidates with the same rows, so an item has one feature row at training and at
+serving. A new catalogue version replaces it between updates (``set_catalogue`` again). An
+agent of a world with item features (F > 0) refuses to learn without one
+(``NoCatalogueError``) rather than train on zeros; an id-only world (F = 0) needs none, and
+every agent can be built without one.
 """
 
 from __future__ import annotations
@@ -18,13 +27,18 @@ from typing import Any
 
 import numpy as np
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import Transition
 from recloop.core.spec import WorldSpec
 from recloop.learner import checkpoint
-from recloop.learner.batch import to_batch
+from recloop.learner.batch import TransitionBatch, to_batch
 from recloop.learner.contract import Metrics
 from recloop.learner.policy import SeededPolicy
 from recloop.learner.replay import ReplayBuffer, learn_from_replay
+
+
+class NoCatalogueError(RuntimeError):
+    """An agent of a world with item features was asked to learn before ``set_catalogue``."""
 
 
 class ReplayAgent:
@@ -38,12 +52,25 @@ class ReplayAgent:
     transitions_applied: int
     updates: int
     _due: int  # update credit carried between calls (replay.due_updates)
+    catalogue: ItemCatalogue | None = None  # the item features it learns and ranks with
 
     def __init__(self, config: Any, spec: WorldSpec, seed: int) -> None:
         self.config, self.spec, self.seed = config, spec, seed
         self.transitions_applied = 0
         self.updates = 0
         self._due = 0
+        self.catalogue = None
+
+    def set_catalogue(self, catalogue: ItemCatalogue | None) -> None:
+        """Learn (and let the policy rank) with ``catalogue``'s item features from now on.
+        Its width must be the spec's F; its size may differ from ``spec.n_items`` (ids past
+        the spec are refused before learning, ids it does not hold yet get zero rows)."""
+        if catalogue is not None and catalogue.feature_dim != self.spec.item_feature_dim:
+            raise ValueError(f"{self.name}: catalogue v{catalogue.version} has "
+                             f"{catalogue.feature_dim} item features, the spec "
+                             f"{self.spec.item_feature_dim}")
+        self.catalogue = catalogue
+        self._policy.set_catalogue(catalogue)
 
     @property
     def name(self) -> str:
@@ -62,7 +89,16 @@ class ReplayAgent:
 
     def _update_on(self, sample: Any) -> Metrics:
         """One update on a replay sample (a list of transitions by default)."""
-        return self.update(to_batch(sample, self.spec))
+        return self.update(self._batch(sample))
+
+    def _batch(self, transitions: Sequence[Transition]) -> TransitionBatch:
+        """``to_batch`` with the agent's catalogue: every ``_update_on`` builds its tensors
+        here, so no update trains on features serving would not use."""
+        if self.catalogue is None and self.spec.item_feature_dim:
+            raise NoCatalogueError(
+                f"{self.name}: the world has {self.spec.item_feature_dim} item features and "
+                "the agent has no catalogue (set_catalogue); refusing to train on zeros")
+        return to_batch(transitions, self.spec, self.catalogue)
 
     def update(self, batch: Any) -> Metrics:
         raise NotImplementedError

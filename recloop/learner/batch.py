@@ -1,13 +1,23 @@
 """Events to tensors: the ONLY place where ``recloop.core.events`` records become torch tensors.
 
-Two entry points:
+Three entry points:
 
-- ``to_batch(transitions, spec)`` turns answered slates into a ``TransitionBatch`` for
-  ``update``, including the slate actually served next (``Transition.next_slate``, which
+- ``to_batch(transitions, spec, catalogue)`` turns answered slates into a ``TransitionBatch``
+  for ``update``, including the slate actually served next (``Transition.next_slate``, which
   SARSA targets need; the streams fold fills it in, empty when ``done``).
 - ``request_batch(observation, candidates, spec)`` turns one serving request
   (``recloop.core.ports.Observation`` + ``Candidates``) into a ``RequestBatch`` of batch size 1, so a
   policy sees exactly the layout its training batches had.
+- ``whole_catalogue(spec, catalogue)``: every item with its catalogue features, what a policy
+  ranks when a request names no candidates.
+
+Item features. Records carry item ids only (schema v2, ``recloop.core.events``); every feature
+row a batch holds (candidates, slate, next slate, next candidates) is looked up by id in the
+``recloop.core.catalogue.ItemCatalogue``, the same table serving builds its ``Candidates``
+from, so train-time and serve-time features of an item are one row. Without a catalogue
+(id-only worlds, F = 0, or tests that need no features) they are zeros; a catalogue of another
+width is an error, never silently cut or padded. An id the catalogue does not hold yet gets
+zeros (``ItemCatalogue.features``).
 
 Layout conventions (names carry shapes: B batch, U user obs, H history, K slate, N candidates,
 F item features):
@@ -16,8 +26,8 @@ F item features):
   padded with -1 (``history_mask_BH`` marks real entries);
 - candidates are padded with -1 to the widest row in the batch (``candidates_mask_BN``);
   an empty candidate list means "the whole catalogue" and gives N = 0 for that row;
-- slate features are looked up by finding each slate item among the row's candidates
-  (``slate_cand_idx_BK``, -1 when absent, features then zero);
+- ``slate_cand_idx_BK`` is each slate item's index among the row's candidates (-1 when absent
+  or when the row has none); a slate item's features come from the catalogue either way;
 - ``chosen_B`` indexes into the slate, -1 = no click;
 - an item id outside the catalogue (``[0, spec.n_items)``) counts as absent, -1, wherever it
   is (history, candidates, slates, the chosen item): no network has a row for it, and an id
@@ -34,6 +44,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import Transition, UserView
 from recloop.core.ports import Candidates, Observation
 from recloop.core.spec import WorldSpec
@@ -155,38 +166,40 @@ def _views_arrays(views: Sequence[UserView], spec: WorldSpec):
     return obs_BU, hist_BH
 
 
-def _candidate_arrays(cands: Sequence[Sequence[int]], feats: Sequence[Sequence], spec: WorldSpec):
-    B, F = len(cands), spec.item_feature_dim
+def item_features(ids: np.ndarray, spec: WorldSpec,
+                  catalogue: ItemCatalogue | None) -> np.ndarray:
+    """float32 ``ids.shape + (F,)``: the catalogue's rows of ``ids`` (-1 and ids it does not
+    hold give zeros), or zeros without a catalogue or features (module docstring)."""
+    F = spec.item_feature_dim
+    if catalogue is None or F == 0:
+        return np.zeros((*ids.shape, F), np.float32)
+    if catalogue.feature_dim != F:
+        raise ValueError(f"catalogue v{catalogue.version} has {catalogue.feature_dim} item "
+                         f"features, the agent's spec {F}")
+    return catalogue.features(ids)
+
+
+def _candidate_ids(cands: Sequence[Sequence[int]], spec: WorldSpec) -> np.ndarray:
+    """int64 (B, N), -1 padded to the widest row (N = 0 when no row names candidates)."""
+    B = len(cands)
     cands = [_in_catalogue(c, spec.n_items) for c in cands]
     N = max((len(c) for c in cands), default=0)
-    if N and all(len(c) == N for c in cands) and (
-            not F or all(len(r) == N and len(r[0]) == F for r in feats)):
-        # Every row full and well-formed: one numpy conversion each, no Python loop.
-        ids_BN = np.asarray(cands, np.int64).reshape(B, N)
-        feat_BNF = (np.asarray(feats, np.float32).reshape(B, N, F) if F
-                    else np.zeros((B, N, 0), np.float32))
-        return ids_BN, feat_BNF
+    if N and all(len(c) == N for c in cands):  # every row full: one conversion, no loop
+        return np.asarray(cands, np.int64).reshape(B, N)
     ids_BN = np.full((B, N), -1, np.int64)
-    feat_BNF = np.zeros((B, N, F), np.float32)
-    for b, (ids, rows) in enumerate(zip(cands, feats, strict=True)):
+    for b, ids in enumerate(cands):
         if ids:
             ids_BN[b, : len(ids)] = ids
-        if F and len(rows):
-            f = np.asarray(rows, np.float32).reshape(len(rows), -1)[:, :F]
-            feat_BNF[b, : f.shape[0], : f.shape[1]] = f
-    return ids_BN, feat_BNF
+    return ids_BN
 
 
-def _slate_lookup(slates_BK: np.ndarray, ids_BN: np.ndarray, feat_BNF: np.ndarray):
-    """Index of each slate item among its row's candidates (-1 if absent), and its features."""
+def _slate_index(slates_BK: np.ndarray, ids_BN: np.ndarray) -> np.ndarray:
+    """Index of each slate item among its row's candidates, -1 if absent (or no candidates)."""
     B, K = slates_BK.shape
     if ids_BN.shape[1] == 0:  # whole-catalogue requests: nothing to look up
-        return np.full((B, K), -1, np.int64), np.zeros((B, K, feat_BNF.shape[2]), np.float32)
+        return np.full((B, K), -1, np.int64)
     match_BKN = (slates_BK[:, :, None] == ids_BN[:, None, :]) & (slates_BK[:, :, None] >= 0)
-    found_BK = match_BKN.any(-1)
-    idx_BK = np.where(found_BK, match_BKN.argmax(-1), -1).astype(np.int64)
-    feat_BKF = np.take_along_axis(feat_BNF, np.maximum(idx_BK, 0)[:, :, None], axis=1)
-    return idx_BK, feat_BKF * found_BK[:, :, None]
+    return np.where(match_BKN.any(-1), match_BKN.argmax(-1), -1).astype(np.int64)
 
 
 def _slates(slates: Sequence[Sequence[int]], K: int, n_items: int) -> np.ndarray:
@@ -198,19 +211,19 @@ def _slates(slates: Sequence[Sequence[int]], K: int, n_items: int) -> np.ndarray
     return out_BK
 
 
-def to_batch(transitions: Sequence[Transition], spec: WorldSpec) -> TransitionBatch:
-    """Stack transitions into tensors (rows whose ``next_slate`` is empty get
-    ``next_slate_mask_B`` False: the episode ended or the successor is unknown)."""
+def to_batch(transitions: Sequence[Transition], spec: WorldSpec,
+             catalogue: ItemCatalogue | None = None) -> TransitionBatch:
+    """Stack transitions into tensors, every item feature row from ``catalogue`` (module
+    docstring); rows whose ``next_slate`` is empty get ``next_slate_mask_B`` False: the
+    episode ended or the successor is unknown."""
     if not transitions:
         raise ValueError("to_batch needs at least one transition")
     B, K = len(transitions), spec.slate_size
     obs_BU, hist_BH = _views_arrays([t.state for t in transitions], spec)
     nobs_BU, nhist_BH = _views_arrays([t.next_state for t in transitions], spec)
-    ids_BN, feat_BNF = _candidate_arrays(
-        [t.candidates for t in transitions], [t.candidate_features for t in transitions], spec
-    )
+    ids_BN = _candidate_ids([t.candidates for t in transitions], spec)
     slate_BK = _slates([t.slate for t in transitions], K, spec.n_items)
-    idx_BK, sfeat_BKF = _slate_lookup(slate_BK, ids_BN, feat_BNF)
+    idx_BK = _slate_index(slate_BK, ids_BN)
     prop_BK = np.zeros((B, K), np.float32)
     chosen_B = np.full(B, -1, np.int64)
     for b, t in enumerate(transitions):
@@ -225,11 +238,14 @@ def to_batch(transitions: Sequence[Transition], spec: WorldSpec) -> TransitionBa
     # The next request's slate and candidates (zero-width rows where there is no successor).
     has_next_B = np.array([len(t.next_slate) > 0 for t in transitions], bool)
     nslate_BK = _slates([t.next_slate for t in transitions], K, spec.n_items)
-    nids_BN, nfeat_BNF = _candidate_arrays(
-        [t.next_candidates for t in transitions],
-        [t.next_candidate_features for t in transitions], spec
-    )
-    _, nsfeat_BKF = _slate_lookup(nslate_BK, nids_BN, nfeat_BNF)
+    nids_BN = _candidate_ids([t.next_candidates for t in transitions], spec)
+    # One catalogue look-up for the four id tables (a single fancy index, no per-item loop).
+    widths = np.cumsum([0, ids_BN.shape[1], K, K, nids_BN.shape[1]])
+    feats = item_features(np.concatenate([ids_BN, slate_BK, nslate_BK, nids_BN], axis=1),
+                          spec, catalogue)
+    feat_BNF, sfeat_BKF, nsfeat_BKF, nfeat_BNF = (
+        np.ascontiguousarray(feats[:, lo:hi])
+        for lo, hi in zip(widths[:-1], widths[1:], strict=True))
     t_ = torch.from_numpy
     return TransitionBatch(
         user_obs_BU=t_(obs_BU),
@@ -271,11 +287,14 @@ def request_batch(observation: Observation, candidates: Candidates, spec: WorldS
     obs_BU, hist_BH = _views_arrays([view], spec)
     ids_N = np.asarray(candidates.ids, np.int64).reshape(-1)
     F = spec.item_feature_dim
-    feat_NF = np.zeros((ids_N.shape[0], F), np.float32)
     given = np.asarray(candidates.features_NF, np.float32)
-    if F and given.size:
-        given = given.reshape(ids_N.shape[0], -1)[:, :F]
-        feat_NF[:, : given.shape[1]] = given
+    if given.shape == (ids_N.shape[0], F) and given.flags.writeable:
+        feat_NF = np.ascontiguousarray(given)  # the common case: no per-request copy
+    else:
+        feat_NF = np.zeros((ids_N.shape[0], F), np.float32)
+        if F and given.size:
+            given = given.reshape(ids_N.shape[0], -1)[:, :F]
+            feat_NF[:, : given.shape[1]] = given
     return RequestBatch(
         state=StateBatch(torch.from_numpy(obs_BU), torch.from_numpy(hist_BH),
                          torch.from_numpy(hist_BH >= 0)),
@@ -285,8 +304,12 @@ def request_batch(observation: Observation, candidates: Candidates, spec: WorldS
     )
 
 
-def whole_catalogue(spec: WorldSpec) -> Candidates:
-    """Every item, with zero-valued features: what a policy ranks when a request names no
-    candidates (the catalogue's features are not part of the request)."""
-    return Candidates(ids=np.arange(spec.n_items, dtype=np.int64),
-                      features_NF=np.zeros((spec.n_items, spec.item_feature_dim), np.float32))
+def whole_catalogue(spec: WorldSpec, catalogue: ItemCatalogue | None) -> Candidates:
+    """Every item ``0 .. spec.n_items - 1`` with its catalogue features: what a policy ranks
+    when a request names no candidates. Zero-width features in an id-only world; a world with
+    features and no catalogue is an error (ranking on zeros is what issue 13 removed)."""
+    ids_N = np.arange(spec.n_items, dtype=np.int64)
+    if catalogue is None and spec.item_feature_dim:
+        raise ValueError(f"whole_catalogue: the world has {spec.item_feature_dim} item "
+                         "features and no catalogue was given; refusing to rank on zeros")
+    return Candidates(ids=ids_N, features_NF=item_features(ids_N, spec, catalogue))

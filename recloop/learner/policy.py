@@ -10,7 +10,16 @@ request, builds the request batch, and assembles the ``Slate``; an algorithm sup
   ε-uniform around the greedy top K (``maths.epsilon_slate``, honest inclusion propensities),
   with ε = 0 while ``explore`` is off;
 - ``_candidates(candidates)``: what an empty candidate list ranks; by default the whole
-  catalogue with zero features (a request carries no catalogue features).
+  catalogue with ``item_features`` (DRR and Wolpertinger search their own item table instead).
+
+Item features at serving. Serving builds ``Candidates`` itself, with each candidate's row of
+the catalogue, so a request with candidates is ranked on exactly the features the learner
+trained on, and a policy needs no catalogue for it. A policy that still gets an EMPTY list
+ranks every item with the features it holds: by default those of its ``catalogue``
+(``set_catalogue``; the learning agent shares its own with its live policy, a loaded policy
+gets one only if the caller sets it), through ``item_features``. It never ranks them on zeros:
+in a world with item features, a policy without a catalogue refuses such a request with a
+``ValueError`` that says so (an id-only world, F = 0, needs none).
 
 Random streams. The generator is ``default_rng(SeedSequence([seed, stream]))``: the agent's
 seed and a stream number that each algorithm names as a constant of its module
@@ -32,9 +41,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.ports import Candidates, Observation, Slate
 from recloop.core.spec import WorldSpec
-from recloop.learner.batch import RequestBatch, request_batch, whole_catalogue
+from recloop.learner.batch import RequestBatch, item_features, request_batch
 from recloop.learner.maths import epsilon_slate
 
 
@@ -65,11 +75,13 @@ class SeededPolicy:
 
     spec: WorldSpec
     epsilon: float = 0.0  # the default _pull's ε; algorithms set it from their Config
+    catalogue: ItemCatalogue | None = None  # item features for requests without candidates
 
     def __init__(self, name: str, version: int, seed: int, stream: int) -> None:
         self.name, self.version, self.stream = name, version, stream
         self.explore = True
         self.rng = np.random.default_rng(np.random.SeedSequence([seed, stream]))
+        self._whole: tuple[ItemCatalogue | None, Candidates] | None = None
 
     @torch.no_grad()
     def recommend(self, observation: Observation, candidates: Candidates, k: int) -> Slate:
@@ -86,9 +98,28 @@ class SeededPolicy:
                      scores=np.asarray(ranking.score_of(idx_K)).astype(np.float64),
                      propensities=prop_K)
 
+    def set_catalogue(self, catalogue: ItemCatalogue | None) -> None:
+        """Rank requests without candidates with ``catalogue``'s features from now on."""
+        self.catalogue = catalogue
+
+    def item_features(self, ids: np.ndarray) -> np.ndarray:
+        """The features this policy ranks ``ids`` with when a request does not carry them
+        (module docstring): its catalogue's rows; refused in a featured world without one."""
+        if self.catalogue is None and self.spec.item_feature_dim:
+            raise ValueError(f"{self.name}: a request without candidates in a world with "
+                             f"{self.spec.item_feature_dim} item features needs a catalogue "
+                             "(set_catalogue), or Candidates with the catalogue's features")
+        return item_features(np.asarray(ids, np.int64), self.spec, self.catalogue)
+
     def _candidates(self, candidates: Candidates) -> Candidates:
-        """What the request ranks: an empty list means the whole catalogue, zero features."""
-        return candidates if len(candidates) else whole_catalogue(self.spec)
+        """What the request ranks: an empty list means every item, with ``item_features``
+        (built once per catalogue: a million-row copy per request would be the request)."""
+        if len(candidates):
+            return candidates
+        if self._whole is None or self._whole[0] is not self.catalogue:
+            ids_N = np.arange(self.spec.n_items, dtype=np.int64)
+            self._whole = (self.catalogue, Candidates(ids_N, self.item_features(ids_N)))
+        return self._whole[1]
 
     def _score(self, req: RequestBatch, candidates: Candidates, k: int) -> Ranking:
         raise NotImplementedError

@@ -1,6 +1,6 @@
 """Algorithms by name, imported lazily so a process only loads the one it runs.
 
-    agent = make_agent("slateq", spec, seed=0, lr=1e-3)      # learning side
+    agent = make_agent("slateq", spec, seed=0, catalogue=cat, lr=1e-3)  # learning side
     policy = load_policy("slateq", tensors, manifest, spec)   # serving side, inference only
 
 Each name maps to a module in ``recloop.learner.algorithms`` plus config overrides that define the
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.spec import WorldSpec
 from recloop.learner.agent import ReplayAgent
 
@@ -68,10 +69,16 @@ def make_config(name: str, **overrides: Any):
     return mod.Config(**merged)
 
 
-def make_agent(name: str, spec: WorldSpec, seed: int, **overrides: Any) -> ReplayAgent:
-    """A fresh learning agent for ``name`` (``overrides`` are Config fields). Every agent is a
-    ``ReplayAgent``, so it meets ``learner.contract.Agent``; the services need no more."""
-    return agent_class(name)(make_config(name, **overrides), spec, seed)
+def make_agent(name: str, spec: WorldSpec, seed: int, catalogue: ItemCatalogue | None = None,
+               **overrides: Any) -> ReplayAgent:
+    """A fresh learning agent for ``name`` (``overrides`` are Config fields) that learns with
+    ``catalogue``'s item features (``ReplayAgent.set_catalogue``; a world with features needs
+    one before it learns). Every agent is a ``ReplayAgent``, so it meets
+    ``learner.contract.Agent``; the services need no more."""
+    agent = agent_class(name)(make_config(name, **overrides), spec, seed)
+    if catalogue is not None:
+        agent.set_catalogue(catalogue)
+    return agent
 
 
 def agent_class(name: str) -> type[ReplayAgent]:
