@@ -18,16 +18,20 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         "serve",
         help=(
             "Answer rec.requests with slates on rec.slates, hot-swapping the snapshots "
-            "announced on policy.snapshots.\n\n"
+            "announced on policy.snapshots. Items and their features come from the catalogue "
+            "on the items + catalogue topics (it waits RECLOOP_CATALOGUE_WAIT_S for one); "
+            "network sizes from each snapshot's manifest.\n\n"
             "Example: recloop serve --policy slateq=0.5 --policy random=0.5 --epsilon 0.05"
         ),
     )(serve)
     bench.command(
         "serve",
         help=(
-            "Request-to-slate latency through Kafka at a fixed rate over a 100k-item faiss "
-            "catalogue, next to compute-only and raw faiss times; ends with one JSON line.\n\n"
-            "Example: recloop bench serve --rate 100 --duration 20"
+            "Request-to-slate latency through Kafka at a fixed rate over a catalogue of "
+            "random items published on Kafka (100k and 1M by default), next to compute-only "
+            "and raw faiss times, slate bytes and the index's recall against exact search; "
+            "median of three runs; ends with one JSON line.\n\n"
+            "Example: recloop bench serve --rate 100 --duration 20 --items 100000"
         ),
     )(bench_serve)
 
@@ -48,14 +52,6 @@ def serve(
     epsilon: float = typer.Option(
         0.0, min=0.0, max=1.0, help="Probability of a uniform random slate (exploration)."
     ),
-    preset: str = typer.Option(
-        "interest_evolution", help="World preset the policies were trained on (sizes, catalogue)."
-    ),
-    slate_size: int = typer.Option(3, min=1, help="Slate size K of the world."),
-    num_candidates: int = typer.Option(
-        10, min=0, help="Candidates per request in interest_evolution (0: whole catalogue)."
-    ),
-    world_seed: int = typer.Option(0, help="Seed the preset's catalogue was drawn with."),
     retrieve: int = typer.Option(
         100, min=1, help="Candidates retrieved by faiss when a request names none."
     ),
@@ -68,13 +64,12 @@ def serve(
     from rich.console import Console
 
     from recloop.metrics import serve_metrics
-    from recloop.services.serve import ServeOptions, ServeService
-    from recloop.services.serve_wiring import catalogue_of, learner_loader
+    from recloop.services.serve import NoCatalogue, ServeOptions, ServeService
+    from recloop.services.serve_wiring import learner_loader
     from recloop.serving.fallback import FALLBACK_NAMES
     from recloop.serving.retrieval import INDEX_KINDS
     from recloop.serving.server import ServeConfig
     from recloop.serving.split import TrafficSplit
-    from recloop.worlds import preset_names
 
     try:
         split = TrafficSplit.parse(policy or ["slateq"])
@@ -84,30 +79,19 @@ def serve(
         raise typer.BadParameter(
             f"{fallback!r}; choose one of {', '.join(FALLBACK_NAMES)}", param_hint="--fallback"
         )
-    if preset not in preset_names():
-        raise typer.BadParameter(
-            f"unknown preset {preset!r}; known: {', '.join(preset_names())}", param_hint="--preset"
-        )
     if index not in INDEX_KINDS:
         raise typer.BadParameter(f"{index!r}; choose one of {INDEX_KINDS}", param_hint="--index")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s serve %(message)s")
-    world_options: dict = {"slate_size": slate_size}
-    if preset == "interest_evolution":
-        world_options["num_candidates"] = num_candidates
-    n_items, item_features = catalogue_of(preset, seed=world_seed, **world_options)
-    config = ServeConfig(
-        split=split, fallback=fallback, epsilon=epsilon, retrieve_m=retrieve, n_items=n_items,
-        seed=seed,
-    )  # fmt: skip
+    config = ServeConfig(split=split, fallback=fallback, epsilon=epsilon, retrieve_m=retrieve,
+                         seed=seed)  # fmt: skip
     settings = Settings()
     require_broker(settings, "serve rec.requests")
     serve_metrics(settings)
     service = ServeService(
         settings,
         config,
-        learner_loader(preset, seed=world_seed, **world_options),
-        item_features=item_features,
+        learner_loader(),
         options=ServeOptions(batch_size=batch_size, index_kind=index),
     )
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
@@ -115,10 +99,14 @@ def serve(
     console = Console(stderr=True)
     shares = ", ".join(f"{k} {v:.0%}" for k, v in split.fractions().items())
     console.print(f"serving {shares}; fallback {fallback}; epsilon {epsilon}")
-    service.run(
-        max_seconds=duration or None,
-        on_tick=lambda stats: print(json.dumps(stats, sort_keys=True), flush=True),
-    )
+    try:
+        service.run(
+            max_seconds=duration or None,
+            on_tick=lambda stats: print(json.dumps(stats, sort_keys=True), flush=True),
+        )
+    except NoCatalogue as exc:
+        typer.echo(str(exc), err=True)  # one line: what is missing and what to start
+        raise typer.Exit(1) from None
     print(json.dumps(service.snapshot_stats(), sort_keys=True), flush=True)
 
 

@@ -1,22 +1,27 @@
 """``recloop serve``'s process shell: requests in over a ``Bus``, the pure core, slates out.
 
-``step()`` is one round, and the in-process loop drives it: read what ``session.state`` and
-``policy.snapshots`` have (into the session cache and the pending announcements), install
-the newest pending snapshot that verifies (``serve_installs``: a refused one is counted and
+``step()`` is one round, and the in-process loop drives it: read what ``session.state``,
+``policy.snapshots``, ``items`` and ``catalogue`` have (into the session cache, the pending
+announcements and the ``CatalogueFollower``), index a newly completed catalogue version
+(``serving.items.CatalogueSwap``), install the newest pending snapshot that verifies (``serve_installs``: a refused one is counted and
 the newest older one above what serves is tried), then answer a batch of ``rec.requests``
 with ``serving.server.SlateServer`` and publish one ``SlateServed`` per request on
 ``rec.slates``. Request offsets are committed only after the slates before them were
 acknowledged, so a crash answers a request twice, never zero times. Requests that decode
 but cannot be answered (k above the candidates, duplicate candidates, ...) are
-dead-lettered by the ``Reader``, re-encoded, with the same headers.
+dead-lettered by the ``Reader``, re-encoded, with the same headers; so is an item chunk
+the catalogue assembler refuses. No request is read before a catalogue is serving: the
+catalogue is the only source of item ids and features (serving never builds a world).
 
-``run()`` (the process on Kafka) first warms up (``warm_up``: the announced snapshots are
+``run()`` (the process on Kafka) first warms up (``warm_up``: a complete catalogue is
+indexed, waiting at most ``Settings.catalogue_wait_s``, and the announced snapshots are
 installed before the first request is read, so a restart never serves an older version),
 then runs the same rounds without their side duties, which get a thread each so none waits
-for another: the side loop reads the whole ``session.state`` changelog and
-``policy.snapshots`` (a group of its own, from the beginning, never committing: every
-replica needs all of both); the installer loop verifies, loads and indexes announced
-snapshots off the request path, so a swap never stalls a request. A broker outage is
+for another: the side loop reads the whole ``session.state`` changelog,
+``policy.snapshots``, ``items`` and ``catalogue`` (a group of its own, from the beginning,
+never committing: every replica needs all of them); the installer loop verifies, loads and
+indexes announced snapshots, and the indexing loop builds each new catalogue version's
+index, both off the request path, so a swap never stalls or drops a request. A broker outage is
 waited out: the commit's flush waits for the broker (``kafka.clients``), transient errors
 are noted and the loop goes on.
 """
@@ -35,19 +40,28 @@ import faiss
 
 from recloop import metrics
 from recloop.core import codec
-from recloop.core.events import PolicyPublished, RecRequest, SessionState
+from recloop.core.catalogue import ItemCatalogue
+from recloop.core.events import (
+    CatalogueAnnounced,
+    ItemChunk,
+    PolicyPublished,
+    RecRequest,
+    SessionState,
+)
 from recloop.core.ports import Bus
 from recloop.core.settings import Settings
+from recloop.kafka.catalogue import CatalogueFollower, NoCatalogue
 from recloop.kafka.deadletter import Consumed, Reader, fatal
 from recloop.services.serve_installs import Installs
 from recloop.services.serve_settings import ServeOptions, ServeStats
 from recloop.serving.fallback import PopularityCounts
 from recloop.serving.host import PolicyHost
-from recloop.serving.server import ItemFeatures, ServeConfig, SlateServer, validate_request
+from recloop.serving.items import CatalogueSwap
+from recloop.serving.server import ServeConfig, SlateServer, validate_request
 from recloop.serving.session_cache import SessionCache
 from recloop.serving.snapshots import PolicyLoader, SnapshotInstaller
 
-__all__ = ["ServeOptions", "ServeService", "ServeStats"]
+__all__ = ["NoCatalogue", "ServeOptions", "ServeService", "ServeStats"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +70,8 @@ class ServeService:
     """Wire settings, the serving core and a bus; ``step`` a round or ``run`` until stopped.
 
     ``installer`` (with the ``host`` it installs into) replaces the snapshot installer: the
-    in-process loop installs live policies.
+    in-process loop installs live policies. ``catalogue``, if given, serves until a newer
+    version arrives on ``items`` + ``catalogue`` (the service follows those topics always).
     """
 
     def __init__(
@@ -65,7 +80,7 @@ class ServeService:
         config: ServeConfig,
         loader: PolicyLoader | None = None,
         *,
-        item_features: ItemFeatures | None = None,
+        catalogue: ItemCatalogue | None = None,
         options: ServeOptions | None = None,
         bus: Bus | None = None,
         installer: Any = None,
@@ -75,14 +90,20 @@ class ServeService:
         self.options = options or ServeOptions()
         faiss.omp_set_num_threads(self.options.faiss_threads)
         self.host = host or PolicyHost(config.learned_policies)
-        self.cache = SessionCache(PopularityCounts(config.n_items))
-        self.server = SlateServer(config, self.host, self.cache, item_features)
+        self.cache = SessionCache(PopularityCounts())
+        self.server = SlateServer(config, self.host, self.cache)
+        self.catalogues = CatalogueSwap(self.server.set_catalogue, self.options.index_kind,
+                                        config.retrieve_m)  # fmt: skip
+        if catalogue is not None:
+            self.catalogues.offer(catalogue)
+            self.catalogues.build_pending()
         if installer is None:
             if loader is None:
                 raise ValueError("a snapshot loader is needed unless an installer is given")
             installer = SnapshotInstaller(
                 self.host, loader, settings.resolved_snapshot_dir, self.options.index_kind,
                 key=settings.snapshot_key, max_weights_bytes=settings.snapshot_max_weights_bytes,
+                recall_m=config.retrieve_m,
             )  # fmt: skip
         self.installer = installer
         self.stats = ServeStats()
@@ -95,6 +116,7 @@ class ServeService:
 
             bus = KafkaBus(settings, {"linger.ms": 1}, process="serve")
         self.bus = bus
+        self.follower = CatalogueFollower(bus, self.topics, self.options.name)
         self._requests: Reader | None = None
         self._side: Reader | None = None
         self._last_commit = time.monotonic()
@@ -102,10 +124,16 @@ class ServeService:
     # -- one round ---------------------------------------------------------------------------
 
     def step(self, timeout: float = 0.0, side: bool = True) -> int:
-        """Side duties (if ``side``), then one batch of requests; returns requests handled."""
+        """Side duties (if ``side``), then one batch of requests; returns requests handled.
+        Before a catalogue serves, no request is read (they wait on the topic)."""
         if side:
             self.poll_side(timeout=0.0)
+            self.catalogues.build_pending()
             self.install_pending()
+        if self.server.served is None:
+            self.stats.waiting_for_catalogue += 1
+            self.bus.serve()
+            return 0
         requests = self.requests
         batch = self._next_batch(requests, timeout)
         if not self.ready.is_set() and requests.consumer.assigned():
@@ -130,43 +158,65 @@ class ServeService:
         return self._requests
 
     def poll_side(self, timeout: float) -> None:
-        """Read session states into the cache and announcements into the pending set."""
+        """Read session states into the cache, announcements into the pending set and the
+        catalogue's records into the follower; a completed catalogue version is offered for
+        indexing."""
         if self._side is None:
             group = f"{self.group_id}-side-{uuid.uuid4().hex[:12]}"
-            self._side = Reader(self.bus, self.topics, ["session.state", "policy.snapshots"],
-                                group, f"{self.options.name}-side")  # fmt: skip
+            topics = ["session.state", "policy.snapshots", "items", "catalogue"]
+            self._side = Reader(self.bus, self.topics, topics, group,
+                                f"{self.options.name}-side")  # fmt: skip
         for item in self._side.poll_batch(1000, timeout=timeout):
             record = item.value
             if isinstance(record, SessionState):
                 self.cache.update(record)
             elif isinstance(record, PolicyPublished):
                 self.installs.announce(record)
+            elif isinstance(record, ItemChunk | CatalogueAnnounced):
+                self.follower.handle(item, self._side)
+        new = self.follower.install()
+        if new is not None:
+            self.catalogues.offer(new)
 
     def install_pending(self) -> None:
         """Install every pending announcement (newest per policy), in this thread."""
         self.installs.install_pending()
 
     def warm_up(self, timeout_s: float) -> bool:
-        """Before the first request: read ``policy.snapshots`` and ``session.state`` to their
-        ends and install the newest snapshots, so a restarted server answers with the
-        versions it served before, never with the fallback of a cold start (served versions
-        never go backwards). Bounded by ``timeout_s``; returns whether it caught up."""
-        deadline = time.monotonic() + timeout_s
+        """Before the first request: read ``policy.snapshots``, ``session.state`` and the
+        catalogue to their ends, index the catalogue and install the newest snapshots, so a
+        restarted server answers with the versions it served before, never with the fallback
+        of a cold start (served versions never go backwards). Catching up is bounded by
+        ``timeout_s``; the catalogue is waited for up to ``Settings.catalogue_wait_s`` and
+        without one ``NoCatalogue`` is raised (its message says what to start). Returns
+        whether it caught up."""
+        start = time.monotonic()
         self.poll_side(timeout=0.0)
         assert self._side is not None
         caught_up = False
-        while not self._stop.is_set() and time.monotonic() < deadline:
+        while not self._stop.is_set():
             self.poll_side(timeout=0.1)
-            if self._side.consumer.caught_up():
-                caught_up = True
+            caught_up = caught_up or self._side.consumer.caught_up()
+            waited = time.monotonic() - start
+            have = self.follower.current is not None or self.server.served is not None
+            if have and (caught_up or waited >= timeout_s):
                 break
+            if not have and waited >= self.settings.catalogue_wait_s:
+                raise NoCatalogue(self._no_catalogue(waited))
         if not caught_up:
             why = "no partitions yet" if not self._side.consumer.assigned() else "still behind"
             log.warning("serve: not caught up with %s within %.0f s (%s); serving anyway",
                         self.topics.snapshots, timeout_s, why)  # fmt: skip
             self._errors.append(f"warm-up: not caught up within {timeout_s:.0f} s ({why})")
+        self.catalogues.build_pending()
         self.install_pending()
         return caught_up
+
+    def _no_catalogue(self, waited: float) -> str:
+        return (f"serve: no complete catalogue on {self.topics.items} + {self.topics.catalogue} "
+                f"within {waited:.0f} s (RECLOOP_CATALOGUE_WAIT_S): start `recloop sim` (it "
+                f"publishes its world's catalogue) or `recloop catalogue publish` first, or "
+                f"raise RECLOOP_CATALOGUE_WAIT_S")  # fmt: skip
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -174,6 +224,7 @@ class ServeService:
         """Ask every loop to finish (safe from a signal handler)."""
         self._stop.set()
         self.installs.wake()
+        self.catalogues.wake()
 
     def run(
         self,
@@ -185,8 +236,12 @@ class ServeService:
         side = threading.Thread(target=self._side_loop, name="serve-side", daemon=True)
         installer = threading.Thread(target=self.installs.run_until, args=(self._stop,),
                                      name="serve-install", daemon=True)  # fmt: skip
+        indexer = threading.Thread(target=self.catalogues.run_until, args=(self._stop,),
+                                   name="serve-index", daemon=True)  # fmt: skip
         try:
             self.warm_up(self.options.warm_up_s)
+        except NoCatalogue:
+            raise  # nothing can be answered without one; the message says what to start
         except Exception as exc:
             if fatal(exc):
                 raise
@@ -194,6 +249,7 @@ class ServeService:
         requests = self.requests
         side.start()
         installer.start()
+        indexer.start()
         start = last_tick = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -218,6 +274,7 @@ class ServeService:
                 requests.close()
                 side.join(timeout=10)
                 installer.join(timeout=30)
+                indexer.join(timeout=60)
         return self.stats
 
     # -- the request path --------------------------------------------------------------------
@@ -240,18 +297,21 @@ class ServeService:
         return batch
 
     def _answer(self, batch: list[Consumed], consumer: Reader) -> None:
+        # One catalogue version for the whole batch: validated against and served from it.
+        served = self.server.served
+        catalogue = None if served is None else served.catalogue
         valid: list[RecRequest] = []
         for item in batch:
             request = item.value
             assert isinstance(request, RecRequest)
-            problem = validate_request(request, self.server.config.n_items)
+            problem = validate_request(request, catalogue)
             if problem is None:
                 valid.append(request)
             else:
                 consumer.dead_letter(item, f"unanswerable request: {problem}")
                 self.stats.invalid += 1
         t0 = time.perf_counter()
-        slates = self.server.serve_batch(valid)
+        slates = self.server.serve_batch(valid, served)
         self.stats.compute_s += time.perf_counter() - t0
         for slate in slates:
             self.bus.publish(self.topics.slates, slate.user_id.encode(), codec.encode(slate))
@@ -277,6 +337,7 @@ class ServeService:
     # -- session state and announcements -----------------------------------------------------
 
     def _side_loop(self) -> None:
+        # Also the catalogue's records: a new version is indexed by the indexing thread.
         try:
             while not self._stop.is_set():
                 self.poll_side(timeout=0.1)
@@ -292,7 +353,16 @@ class ServeService:
     def snapshot_stats(self) -> dict[str, Any]:
         """A JSON-able view of the counters."""
         versions = {name: self.host.version(name) for name in self.host.names}
+        served = self.server.served
+        catalogue: dict[str, Any] | None = None
+        if served is not None:
+            catalogue = {"version": served.version, "n_items": served.n_items,
+                         "feature_dim": served.catalogue.feature_dim,
+                         "index": None if served.index is None else served.index.report()}  # fmt: skip
         return {
+            "catalogue": catalogue,
+            "catalogue_swaps": self.catalogues.swaps,
+            "catalogue_chunks_refused": self.follower.refused,
             "requests": self.stats.requests,
             "slates": self.stats.slates,
             "invalid": self.stats.invalid,
@@ -304,5 +374,5 @@ class ServeService:
             "last_refusal": self.installer.last_refusal,
             "policy_errors": self.server.stats.get("policy_errors", 0),
             "compute_ms_per_request": 1000 * self.stats.compute_s / max(self.stats.slates, 1),
-            "errors": list(self._errors),
+            "errors": list(self._errors) + list(self.catalogues.errors),
         }

@@ -27,7 +27,8 @@ class ServeOptions:
     name: str = "recloop-serve"
     """This consumer's name in dead-letter headers."""
     index_kind: str = "auto"
-    """faiss index kind for snapshot item embeddings (see serving.retrieval)."""
+    """faiss index kind, for the catalogue's features and for snapshots' learned item
+    embeddings (see serving.retrieval: ``auto`` chooses by size)."""
     faiss_threads: int = 1
     """OpenMP threads per faiss search. One query at a time is fastest on one thread, and
     idle OpenMP workers spinning on a busy machine multiply tail latency."""
@@ -42,4 +43,6 @@ class ServeStats:
     invalid: int = 0
     batches: int = 0
     compute_s: float = 0.0
+    waiting_for_catalogue: int = 0
+    """Rounds that read no request because no catalogue was serving yet."""
     installs: deque[InstallResult] = field(default_factory=lambda: deque(maxlen=1000))

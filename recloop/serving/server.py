@@ -6,24 +6,33 @@ No Kafka here (``recloop.services.serve`` is the shell). For each request the co
 2. takes that policy's current ``ActivePolicy`` once (a swap mid-batch cannot mix versions),
    or the declared fallback when no snapshot has arrived yet;
 3. builds the ``Observation`` from the request and the cached session view, and the
-   ``Candidates`` from the request or, when it has none, by faiss retrieval over the
-   catalogue (queries of one policy version are searched together, in one call);
+   ``Candidates``: the request's ids or, when it has none, the top-M of a faiss retrieval
+   (the snapshot's learned item embeddings where it has them, else the catalogue's
+   features; queries of one index are searched together, in one call), each with its
+   features looked up in the current catalogue by id;
 4. asks the policy for a slate, mixes in uniform exploration at rate ε with honest
    propensities, and tags the slate with the policy name and version that drew it.
 
 A policy that raises or returns an invalid slate never fails the request: the fallback
 answers it instead and the error is counted.
+
+The catalogue (``serving.items.ServedCatalogue``) is the only source of the number of items
+and of their features; the server answers nothing before it has one. A batch takes the
+current catalogue once (``set_catalogue`` swaps it whole), so a new version never mixes
+into a batch. A slate carries ids only: the candidates it was drawn from (the request's, or
+the retrieved ones), never their features.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import RecRequest, SlateServed
 from recloop.core.ports import Candidates, Observation, Slate, SlatePolicy
 from recloop.serving.exploration import explore
@@ -34,14 +43,13 @@ from recloop.serving.fallback import (
     UniformPolicy,
 )
 from recloop.serving.host import ActivePolicy, PolicyHost
+from recloop.serving.items import ServedCatalogue, index_catalogue
+from recloop.serving.retrieval import CatalogueIndex
 from recloop.serving.session_cache import SessionCache
 from recloop.serving.split import TrafficSplit
 
 BUILTIN_POLICIES = {"uniform": "uniform", "random": "uniform", "popularity": "popularity"}
 """Names that always serve a built-in policy (an A/B control arm), never a snapshot."""
-
-ItemFeatures = Callable[[np.ndarray], np.ndarray]
-"""``features(ids_N) -> (N, F)``: the catalogue's observable features, for retrieved items."""
 
 # Propensities computed as sums of products may exceed 1 by round-off.
 _PROB_TOL = 1e-6
@@ -59,8 +67,6 @@ class ServeConfig:
     """Probability of serving a uniform random slate instead of the policy's (exploration)."""
     retrieve_m: int = 100
     """Candidates retrieved from the catalogue when a request names none."""
-    n_items: int = 0
-    """Catalogue size (ids 0..n-1); needed for requests without candidates. 0 = unknown."""
     seed: int = 0
     """Seed of the generator behind every random draw (fallbacks, exploration)."""
 
@@ -69,8 +75,8 @@ class ServeConfig:
             raise ValueError(f"fallback {self.fallback!r}; choose one of {FALLBACK_NAMES}")
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon}")
-        if self.retrieve_m < 1 or self.n_items < 0:
-            raise ValueError("retrieve_m must be >= 1 and n_items >= 0")
+        if self.retrieve_m < 1:
+            raise ValueError("retrieve_m must be >= 1")
 
     @property
     def learned_policies(self) -> list[str]:
@@ -78,28 +84,23 @@ class ServeConfig:
         return [name for name in self.split.names if name not in BUILTIN_POLICIES]
 
 
-def validate_request(request: RecRequest, n_items: int) -> str | None:
-    """Why ``request`` cannot be answered, or ``None`` if it can (the shell dead-letters it)."""
-    n = len(request.candidates)
+def validate_request(request: RecRequest, catalogue: ItemCatalogue | None) -> str | None:
+    """Why ``request`` cannot be answered from ``catalogue``, or ``None`` if it can (the shell
+    dead-letters it)."""
+    if catalogue is None:
+        return "no catalogue yet: this server has not received one on items + catalogue"
+    n, n_items = len(request.candidates), catalogue.n_items
     if n == 0:
-        if n_items <= 0:
-            return "no candidates, and this server does not know the catalogue to retrieve from"
         if request.k > n_items:
             return f"k={request.k} exceeds the catalogue of {n_items} items"
         return None
     if request.k > n:
         return f"k={request.k} exceeds the {n} candidates"
     ids = np.asarray(request.candidates, dtype=np.int64)
-    if ids.min() < 0 or (n_items and ids.max() >= n_items):
-        return f"candidate ids must lie in [0, {n_items or 'inf'})"
+    if not catalogue.contains(ids).all():
+        return f"candidate ids must lie in [0, {n_items}) (catalogue v{catalogue.version})"
     if np.unique(ids).shape[0] != n:
         return "candidates contain duplicates"
-    features = request.candidate_features
-    if features:
-        if len(features) != n:
-            return f"{len(features)} candidate_features rows for {n} candidates"
-        if len({len(row) for row in features}) != 1:
-            return "candidate_features rows differ in length"
     return None
 
 
@@ -115,6 +116,7 @@ class _Job:
     observation: Observation
     candidates: Candidates | None = None
     echo_candidates: bool = True
+    """Whether the slate names its (retrieved) candidates; a whole-catalogue one does not."""
 
 
 class SlateServer:
@@ -125,19 +127,21 @@ class SlateServer:
         config: ServeConfig,
         host: PolicyHost,
         cache: SessionCache | None = None,
-        item_features: ItemFeatures | None = None,
+        catalogue: ServedCatalogue | ItemCatalogue | None = None,
     ) -> None:
         missing = sorted(set(config.learned_policies) - set(host.names))
         if missing:
             raise ValueError(f"the policy host does not hold {missing}")
         self.config = config
         self.host = host
-        self.cache = cache if cache is not None else SessionCache(PopularityCounts(config.n_items))
-        self.item_features = item_features
+        self.cache = cache if cache is not None else SessionCache(PopularityCounts())
+        self.served: ServedCatalogue | None = None
+        if catalogue is not None:
+            self.set_catalogue(catalogue)
         self.rng = np.random.default_rng(config.seed)
         popularity = self.cache.popularity
         if popularity is None:
-            popularity = PopularityCounts(config.n_items)
+            popularity = PopularityCounts()
         self._fallback: SlatePolicy = (
             UniformPolicy(self.rng)
             if config.fallback == "uniform"
@@ -153,12 +157,33 @@ class SlateServer:
         self.stats: Counter[str] = Counter()
         self.last_error = ""
 
+    # -- the catalogue -----------------------------------------------------------------------
+
+    def set_catalogue(self, catalogue: ServedCatalogue | ItemCatalogue) -> None:
+        """Answer from ``catalogue`` from the next batch on (an ``ItemCatalogue`` is indexed
+        here, in the caller's thread; the service hands over built ones)."""
+        if isinstance(catalogue, ItemCatalogue):
+            catalogue = index_catalogue(catalogue, recall_m=self.config.retrieve_m)
+        self.served = catalogue
+
+    @property
+    def catalogue(self) -> ItemCatalogue | None:
+        served = self.served
+        return None if served is None else served.catalogue
+
     # -- the batch ---------------------------------------------------------------------------
 
-    def serve_batch(self, requests: Sequence[RecRequest]) -> list[SlateServed]:
-        """One SlateServed per request, in order. Requests must pass ``validate_request``."""
+    def serve_batch(self, requests: Sequence[RecRequest],
+                    served: ServedCatalogue | None = None) -> list[SlateServed]:  # fmt: skip
+        """One SlateServed per request, in order, from ``served`` (default: the current
+        catalogue, taken once). Requests must pass ``validate_request`` against it."""
+        served = served or self.served
+        if served is None:
+            if requests:
+                raise RuntimeError("no catalogue to serve from yet (set_catalogue first)")
+            return []
         jobs = [self._job(request) for request in requests]
-        self._retrieve(jobs)
+        self._retrieve(jobs, served)
         return [self._answer(job) for job in jobs]
 
     def _job(self, request: RecRequest) -> _Job:
@@ -186,43 +211,43 @@ class SlateServer:
 
     # -- candidates --------------------------------------------------------------------------
 
-    def _retrieve(self, jobs: list[_Job]) -> None:
-        """Fill every job's candidates; retrieval queries are batched per policy version."""
-        pending: dict[int, list[tuple[_Job, np.ndarray]]] = {}
+    def _retrieve(self, jobs: list[_Job], served: ServedCatalogue) -> None:
+        """Fill every job's candidates; retrieval queries are batched per index."""
+        catalogue = served.catalogue
+        pending: dict[int, tuple[CatalogueIndex, list[tuple[_Job, np.ndarray]]]] = {}
         for job in jobs:
             request = job.request
             if request.candidates:
-                job.candidates = _request_candidates(request)
+                ids_N = np.asarray(request.candidates, dtype=np.int64)
+                job.candidates = Candidates(ids=ids_N, features_NF=catalogue.features(ids_N))
                 continue
-            query = _query_vector(job)
-            if query is None:
+            found = _index_and_query(job, served)
+            if found is None:
                 # Nothing to search with: the policy ranks the whole catalogue itself.
-                ids_N = np.arange(self.config.n_items)
-                # Fallbacks ignore features: skip looking up a whole catalogue's worth.
-                with_features = job.active is not None
-                job.candidates = self._catalogue_candidates(ids_N, with_features)
+                job.candidates = self._whole_catalogue(served, with_features=job.active is not None)
                 job.echo_candidates = False
                 self.stats["whole_catalogue"] += 1
             else:
-                pending.setdefault(id(job.active), []).append((job, query))
-        for group in pending.values():
-            active = group[0][0].active
-            # _query_vector gives a query only to a job whose active policy has an index.
-            assert active is not None and active.index is not None
-            index = active.index
+                index, query_D = found
+                pending.setdefault(id(index), (index, []))[1].append((job, query_D))
+        for index, group in pending.values():
             queries_QD = np.stack([query for _, query in group])
             m = max(self.config.retrieve_m, *(job.request.k for job, _ in group))
             ids_QM, _ = index.search(queries_QD, m)
             for (job, _), ids_M in zip(group, ids_QM, strict=True):
-                job.candidates = self._catalogue_candidates(ids_M[ids_M >= 0])
+                # A learned index may hold items the catalogue no longer has; -1 is a miss.
+                ids_M = ids_M[catalogue.contains(ids_M)]
+                job.candidates = Candidates(ids=ids_M, features_NF=catalogue.features(ids_M))
             self.stats["retrieved"] += len(group)
 
-    def _catalogue_candidates(self, ids_N: np.ndarray, with_features: bool = True) -> Candidates:
-        ids_N = ids_N.astype(np.int64)
-        if self.item_features is None or not with_features:
-            features_NF = np.zeros((ids_N.shape[0], 0), dtype=np.float32)
-        else:
-            features_NF = np.asarray(self.item_features(ids_N), dtype=np.float32)
+    @staticmethod
+    def _whole_catalogue(served: ServedCatalogue, with_features: bool) -> Candidates:
+        catalogue = served.catalogue
+        ids_N = np.arange(catalogue.n_items, dtype=np.int64)
+        # The catalogue's own read-only matrix: no copy of a million rows per request. The
+        # fallbacks ignore features, so they get none.
+        features_NF = (catalogue.features_NF if with_features
+                       else np.zeros((ids_N.shape[0], 0), dtype=np.float32))  # fmt: skip
         return Candidates(ids=ids_N, features_NF=features_NF)
 
     # -- the answer --------------------------------------------------------------------------
@@ -251,9 +276,6 @@ class SlateServer:
             policy=served_as,
             policy_version=version,
             candidates=candidates.ids.tolist() if echo else list(request.candidates),
-            candidate_features=(
-                candidates.features_NF.tolist() if echo else list(request.candidate_features)
-            ),
             observation=list(request.observation),
         )
 
@@ -292,25 +314,23 @@ def slate_problem(slate: Slate, candidates: Candidates, k: int) -> str | None:
     return None
 
 
-def _request_candidates(request: RecRequest) -> Candidates:
-    ids_N = np.asarray(request.candidates, dtype=np.int64)
-    if request.candidate_features:
-        features_NF = np.asarray(request.candidate_features, dtype=np.float32)
-    else:
-        features_NF = np.zeros((ids_N.shape[0], 0), dtype=np.float32)
-    return Candidates(ids=ids_N, features_NF=features_NF)
-
-
-def _query_vector(job: _Job) -> np.ndarray | None:
-    """The retrieval query: the policy's own, else the user's observation if it fits."""
+def _index_and_query(job: _Job, served: ServedCatalogue) -> tuple[CatalogueIndex, np.ndarray] | None:
+    """Where a learned policy's request retrieves from, and with which query: the snapshot's
+    own index if the query fits it, else the catalogue features' index if it fits that.
+    The query is the policy's ``query_vector(observation)`` if it has one, else the user's
+    observation. Built-in arms and fallbacks never retrieve (their propensities are over the
+    whole catalogue)."""
     active = job.active
-    if active is None or active.index is None:
+    if active is None:
         return None
     own = getattr(active.policy, "query_vector", None)
     if callable(own):
         query_D = np.asarray(own(job.observation), dtype=np.float32).reshape(-1)
     else:
         query_D = job.observation.user_obs
-    if query_D.shape != (active.index.dim,) or not np.all(np.isfinite(query_D)):
+    if not np.all(np.isfinite(query_D)):
         return None
-    return query_D
+    for index in (active.index, served.index):
+        if index is not None and query_D.shape == (index.dim,):
+            return index, query_D
+    return None

@@ -9,13 +9,15 @@ no symlink). Without a key the announcement is not authenticated and the log say
 ``recloop.core.snapshot.read_snapshot`` (regular files only, size caps), checking both files
 against the SHA-256 the (signed) announcement carries, checks the manifest names
 the announced policy and version, builds the policy with the injected loader (serving never
-imports the learner) and, if the policy has item embeddings, the faiss index; only then does
-it swap. Anything that fails leaves the current policy serving and is counted by reason;
+imports the learner) and, if the policy has learned item embeddings, their faiss index
+(a policy without them retrieves from the index of the catalogue's features,
+``serving.items``); only then does it swap. Anything that fails leaves the current policy serving and is counted by reason;
 ``services.serve_installs`` then tries the newest older announcement above what serves.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,6 +40,8 @@ from recloop.core.snapshot import (
 )
 from recloop.serving.host import PolicyHost, StaleVersionError
 from recloop.serving.retrieval import CatalogueIndex
+
+log = logging.getLogger(__name__)
 
 PolicyLoader = Callable[[str, dict[str, np.ndarray], dict[str, Any]], SlatePolicy]
 """``loader(algorithm, tensors, manifest) -> policy``; the wiring supplies it."""
@@ -66,8 +70,10 @@ class SnapshotInstaller:
         *,
         key: SecretStr | None = None,
         max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
+        recall_m: int = 100,
     ) -> None:
         self.host = host
+        self.recall_m = recall_m
         self.loader = loader
         self.snapshot_root = Path(snapshot_root) if snapshot_root is not None else None
         self.index_kind = index_kind
@@ -138,7 +144,7 @@ class SnapshotInstaller:
             return InstallResult("refused", name, version, reason)
         try:
             policy = self.loader(published.algorithm, tensors, manifest)
-            index = self._index_for(policy)
+            index = self._index_for(policy, name, version)
         except Exception as exc:  # a loader or an index build may fail in many ways
             return InstallResult("refused", name, version, f"load: {type(exc).__name__}: {exc}")
         try:
@@ -147,9 +153,13 @@ class SnapshotInstaller:
             return InstallResult("stale", name, version, str(exc))
         return InstallResult("swapped", name, version)
 
-    def _index_for(self, policy: SlatePolicy) -> CatalogueIndex | None:
+    def _index_for(self, policy: SlatePolicy, name: str, version: int) -> CatalogueIndex | None:
         embeddings = getattr(policy, "item_embeddings", None)
         embeddings_ND = embeddings() if callable(embeddings) else None
         if embeddings_ND is None:
             return None
-        return CatalogueIndex(np.asarray(embeddings_ND), kind=self.index_kind)
+        index = CatalogueIndex(np.asarray(embeddings_ND), kind=self.index_kind,
+                               recall_m=self.recall_m,
+                               source=f"{name} v{version} item embeddings")  # fmt: skip
+        log.info("index of %s v%d: %s", name, version, index.report())
+        return index
