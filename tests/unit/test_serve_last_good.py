@@ -25,7 +25,13 @@ from recloop.serving.host import PolicyHost
 from recloop.serving.server import ServeConfig, SlateServer
 from recloop.serving.snapshots import InstallResult, SnapshotInstaller
 from recloop.serving.split import TrafficSplit
-from tests.unit.test_serving_snapshots import N_ITEMS, load_score_policy, publish, request
+from tests.unit.test_serving_snapshots import (
+    CATALOGUE,
+    N_ITEMS,
+    load_score_policy,
+    publish,
+    request,
+)
 
 KEY = "test-snapshot-key"
 
@@ -41,8 +47,8 @@ class Served:
         self.results: deque[InstallResult] = deque()
         self.errors: deque[str] = deque()
         self.installs = Installs(self.installer, self.results, self.errors)
-        config = ServeConfig(TrafficSplit.parse([policy]), n_items=N_ITEMS)
-        self.server = SlateServer(config, self.host)
+        config = ServeConfig(TrafficSplit.parse([policy]))
+        self.server = SlateServer(config, self.host, catalogue=CATALOGUE)
 
     def snapshot(self, version: int, *, damaged: bool = False) -> PolicyPublished:
         """Write and announce ``version``; its top item is ``version % N_ITEMS``."""

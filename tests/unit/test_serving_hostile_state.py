@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from recloop.core import codec
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import RecRequest, SessionState, UserView
 from recloop.serving import fallback
 from recloop.serving.fallback import PopularityCounts
@@ -28,9 +29,9 @@ def _state(history: list[int], session: str = "s1") -> SessionState:
 
 
 def _server(cache: SessionCache) -> SlateServer:
-    config = ServeConfig(split=TrafficSplit.parse(["popularity=1"]), fallback="popularity",
-                         n_items=N_ITEMS)  # fmt: skip
-    return SlateServer(config, PolicyHost([]), cache)
+    config = ServeConfig(split=TrafficSplit.parse(["popularity=1"]), fallback="popularity")
+    return SlateServer(config, PolicyHost([]), cache,
+                       ItemCatalogue(np.zeros((N_ITEMS, 0), np.float32)))  # fmt: skip
 
 
 def _request() -> RecRequest:

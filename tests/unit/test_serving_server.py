@@ -1,4 +1,7 @@
-"""The serving core: request validation, slate fields, session views, retrieval from faiss."""
+"""The serving core: request validation, slate fields, session views, retrieval from faiss.
+
+Items and their features come from an ``ItemCatalogue`` (``CATALOGUE``: 20 items, one
+feature each, item i's feature is i / 10), never from the request."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import RecRequest, SessionState, UserView
 from recloop.core.ports import Slate
 from recloop.serving.fallback import PopularityCounts
@@ -15,27 +19,30 @@ from recloop.serving.server import ServeConfig, SlateServer, validate_request
 from recloop.serving.session_cache import SessionCache
 from recloop.serving.split import TrafficSplit
 
+CATALOGUE = ItemCatalogue(np.arange(20, dtype=np.float32).reshape(20, 1) / 10)
+
 
 def _request(**overrides) -> RecRequest:
     fields = dict(request_id="r1", user_id="u1", session_id="s1", step=4, ts=123.5, k=2,
-                  observation=[0.5, -0.5], candidates=[3, 9, 11],
-                  candidate_features=[[0.1], [0.2], [0.3]])  # fmt: skip
+                  observation=[0.5, -0.5], candidates=[3, 9, 11])  # fmt: skip
     fields.update(overrides)
     return RecRequest(**fields)
 
 
-def test_validate_request():
-    assert validate_request(_request(), n_items=20) is None
-    assert "exceeds" in validate_request(_request(k=4), 20)
-    assert "duplicates" in validate_request(_request(candidates=[3, 3, 9]), 20)
-    assert "[0, 10)" in validate_request(_request(), n_items=10)
-    assert "rows" in validate_request(_request(candidate_features=[[0.1]]), 20)
-    assert "catalogue" in validate_request(_request(candidates=[], candidate_features=[]), 0)
-    assert validate_request(_request(candidates=[], candidate_features=[]), 20) is None
+def test_validate_request_checks_ids_against_the_catalogue():
+    small = ItemCatalogue(np.zeros((10, 1), np.float32), version=3)
+    assert validate_request(_request(), CATALOGUE) is None
+    assert "exceeds" in validate_request(_request(k=4), CATALOGUE)
+    assert "duplicates" in validate_request(_request(candidates=[3, 3, 9]), CATALOGUE)
+    assert "[0, 10) (catalogue v3)" in validate_request(_request(), small)
+    assert "no catalogue" in validate_request(_request(), None)
+    assert validate_request(_request(candidates=[]), CATALOGUE) is None
+    assert "exceeds the catalogue of 10" in validate_request(_request(candidates=[], k=11), small)
 
 
 def test_slate_fields_echo_the_request():
-    server = SlateServer(ServeConfig(TrafficSplit.parse(["random"]), n_items=20), PolicyHost([]))
+    server = SlateServer(ServeConfig(TrafficSplit.parse(["random"])), PolicyHost([]),
+                         catalogue=CATALOGUE)  # fmt: skip
     req = _request()
     slate = server.serve_batch([req])[0]
     assert (slate.request_id, slate.user_id, slate.session_id, slate.step) == ("r1", "u1", "s1", 4)
@@ -44,7 +51,7 @@ def test_slate_fields_echo_the_request():
     assert len(slate.items) == 2 and set(slate.items) <= {3, 9, 11}
     assert slate.propensities == [2 / 3, 2 / 3] and len(slate.scores) == 2
     assert slate.candidates == [3, 9, 11]
-    assert slate.candidate_features == [[0.1], [0.2], [0.3]]
+    assert "candidate_features" not in slate.__struct_fields__  # ids only on the wire (v2)
     assert slate.observation == [0.5, -0.5]
 
 
@@ -55,9 +62,11 @@ class _Recorder:
 
     def __init__(self):
         self.seen = []
+        self.features = []
 
     def recommend(self, observation, candidates, k):
         self.seen.append(observation)
+        self.features.append(candidates.features_NF)
         return Slate(candidates.ids[:k], np.zeros(k), np.ones(k))
 
 
@@ -65,7 +74,7 @@ def test_observation_uses_the_cached_view_of_the_same_session():
     host, cache = PolicyHost(["p"]), SessionCache(PopularityCounts())
     recorder = _Recorder()
     host.swap("p", 1, recorder)
-    server = SlateServer(ServeConfig(TrafficSplit.parse(["p"]), n_items=20), host, cache)
+    server = SlateServer(ServeConfig(TrafficSplit.parse(["p"])), host, cache, CATALOGUE)
     view = UserView(observation=[9.0, 9.0], history=[3, 11], history_rewards=[1.0, 2.0], step=4)
     cache.update(SessionState(user_id="u1", session_id="s1", view=view))
     server.serve_batch([_request(), _request(session_id="s2", observation=[])])
@@ -73,6 +82,9 @@ def test_observation_uses_the_cached_view_of_the_same_session():
     assert same.history == (3, 11) and same.history_rewards == (1.0, 2.0) and same.step == 4
     assert same.user_obs.tolist() == [0.5, -0.5]  # the request's own observation wins
     assert other.history == () and other.user_obs.shape == (0,)
+    # The policy ranks the catalogue's features of the request's ids.
+    np.testing.assert_array_equal(recorder.features[0], CATALOGUE.features_NF[[3, 9, 11]])
+    np.testing.assert_allclose(recorder.features[0][:, 0], [0.3, 0.9, 1.1], rtol=1e-6)
 
 
 def test_popularity_counts_grow_from_session_state():
@@ -165,16 +177,17 @@ def test_requests_without_candidates_are_served_from_faiss_retrieval():
     policy = _EmbeddingPolicy(emb_ND)
     host = PolicyHost(["emb"])
     host.swap("emb", 1, policy, index=CatalogueIndex(emb_ND, kind="flat"))
-    config = ServeConfig(TrafficSplit.parse(["emb"]), n_items=300, retrieve_m=15)
-    server = SlateServer(config, host, item_features=lambda ids: emb_ND[ids])
+    config = ServeConfig(TrafficSplit.parse(["emb"]), retrieve_m=15)
+    # Catalogue features of another width: retrieval uses the snapshot's learned embeddings.
+    features_NF = rng.normal(size=(300, 3)).astype(np.float32)
+    server = SlateServer(config, host, catalogue=ItemCatalogue(features_NF))
     obs = [[0.3, -1.0, 0.2, 0.5], [1.0, 0.0, 0.0, -0.1]]
-    reqs = [_request(request_id=f"r{i}", observation=o, candidates=[], candidate_features=[],
-                     k=3) for i, o in enumerate(obs)]  # fmt: skip
+    reqs = [_request(request_id=f"r{i}", observation=o, candidates=[], k=3)
+            for i, o in enumerate(obs)]  # fmt: skip
     for req, slate in zip(reqs, server.serve_batch(reqs), strict=True):
         brute_N = emb_ND @ np.asarray(req.observation, dtype=np.float32)
         top_M = np.argsort(-brute_N, kind="stable")[:15]
         assert slate.candidates == top_M.tolist()
-        np.testing.assert_allclose(slate.candidate_features, emb_ND[top_M], rtol=1e-6)
         assert slate.items == top_M[:3].tolist() and slate.policy_version == 1
     assert server.stats["retrieved"] == 2
 
@@ -183,7 +196,7 @@ def test_side_by_side_policies_tag_each_slate_with_its_policy():
     host = PolicyHost(["learned"])
     host.swap("learned", 7, _Recorder())
     split = TrafficSplit.parse(["learned=0.5", "random=0.5"])
-    server = SlateServer(ServeConfig(split, n_items=20), host)
+    server = SlateServer(ServeConfig(split), host, catalogue=CATALOGUE)
     reqs = [_request(request_id=f"r{i}", user_id=f"user{i}") for i in range(400)]
     slates = server.serve_batch(reqs)
     for req, slate in zip(reqs, slates, strict=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import PolicyPublished, RecRequest
 from recloop.core.ports import Slate
 from recloop.core.snapshot import WEIGHTS_FILE, announced_path, write_snapshot
@@ -15,6 +16,8 @@ from recloop.serving.snapshots import SnapshotInstaller
 from recloop.serving.split import TrafficSplit
 
 N_ITEMS = 8
+CATALOGUE = ItemCatalogue(np.zeros((N_ITEMS, 0), np.float32))
+"""Items known by id only: the score policy needs no features."""
 
 
 class ScorePolicy:
@@ -59,7 +62,7 @@ def request(i: int) -> RecRequest:
 def served(tmp_path):
     host = PolicyHost(["learned"])
     installer = SnapshotInstaller(host, load_score_policy, tmp_path)
-    server = SlateServer(ServeConfig(TrafficSplit.parse(["learned"]), n_items=N_ITEMS), host)
+    server = SlateServer(ServeConfig(TrafficSplit.parse(["learned"])), host, catalogue=CATALOGUE)
     return host, installer, server
 
 
