@@ -19,7 +19,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         "learn",
         help=(
             "Consume rec.transitions, update one algorithm online and publish versioned "
-            "snapshots.\n\nExample: recloop learn --algo slateq --preset interest_evolution"
+            "snapshots. The item catalogue is read from the items and catalogue topics "
+            "(waiting RECLOOP_CATALOGUE_WAIT_S for the first version); the other sizes come "
+            "from the first transitions, or from the snapshot it resumes.\n\n"
+            "Example: recloop learn --algo slateq --config choice_model=proportional"
         ),
     )(learn)
 
@@ -27,9 +30,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 def learn(
     algo: str = typer.Option("slateq", help="Algorithm name (see learner.registry)."),
     policy: str = typer.Option("", help="Policy name for snapshots; default: the algorithm."),
-    preset: str = typer.Option("interest_evolution", help="World preset the sizes come from."),
-    slate_size: int = typer.Option(3, min=1, help="Slate size K of the world."),
-    num_candidates: int = typer.Option(10, min=0, help="Candidates per request (0: catalogue)."),
+    history_len: int = typer.Option(5, min=1, help="Recent positive items H a state reads."),
     seed: int = typer.Option(0, help="Seed of the agent."),
     snapshot_every: int = typer.Option(500, min=1, help="Publish after this many transitions."),
     snapshot_seconds: float = typer.Option(10.0, min=0.1, help="...or after this many seconds."),
@@ -40,17 +41,12 @@ def learn(
 ) -> None:
     from recloop.learner import registry
     from recloop.metrics import serve_metrics
-    from recloop.services.learn import LearnConfig, LearnerService
+    from recloop.services.learn import LearnConfig, LearnerService, NoCatalogue
     from recloop.storage.store import Storage
-    from recloop.worlds import learner_spec, preset_names
 
     if algo not in registry.names():
         raise typer.BadParameter(
             f"unknown algorithm {algo!r}; known: {', '.join(registry.names())}", param_hint="--algo"
-        )
-    if preset not in preset_names():
-        raise typer.BadParameter(
-            f"unknown preset {preset!r}; known: {', '.join(preset_names())}", param_hint="--preset"
         )
     overrides = _parse_overrides(config)
     try:
@@ -60,10 +56,6 @@ def learn(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(message)s")
     _limit_torch_threads()
     settings = Settings()
-    options = {"slate_size": slate_size}
-    if preset == "interest_evolution":
-        options["num_candidates"] = num_candidates
-    spec = learner_spec(preset, **options)
     learn_config = LearnConfig(
         algo=algo,
         policy=policy or algo,
@@ -71,6 +63,7 @@ def learn(
         snapshot_every_transitions=snapshot_every,
         snapshot_every_s=snapshot_seconds,
         overrides=overrides,
+        history_len=history_len,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -78,7 +71,11 @@ def learn(
     require_broker(settings, "learn from rec.transitions")
     serve_metrics(settings)
     with Storage.from_settings(settings) as storage:
-        service = LearnerService(settings, learn_config, spec, storage)
+        try:
+            service = LearnerService(settings, learn_config, storage=storage, stop=stop.is_set)
+        except NoCatalogue as exc:
+            typer.echo(f"recloop learn: {exc}", err=True)
+            raise typer.Exit(1) from None
         service.run(stop.is_set, max_seconds=duration or None)
 
 

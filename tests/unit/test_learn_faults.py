@@ -1,4 +1,5 @@
-"""The learner rides out a broker outage while publishing (issue 11, item 2).
+"""The learner rides out a broker outage while publishing (issue 11, item 2), and learns
+only with a catalogue, whose sizes and versions it follows on the bus (issue 13).
 
 ``FlakyBus`` is a ``MemoryBus`` whose broker is away for the next ``down`` flushes: each
 raises ``DeliveryError`` (as ``KafkaBus.flush`` does) and loses what was published since the
@@ -9,17 +10,29 @@ learner is driven through its public ``step``, ``publish`` and ``run``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from recloop.core import codec
+from recloop.core.events import Transition
 from recloop.core.membus import MemoryBus
+from recloop.core.settings import Settings
 from recloop.core.snapshot import read_snapshot, snapshot_versions
+from recloop.kafka.catalogue import publish_catalogue
 from recloop.kafka.clients import DeliveryError
 from recloop.learner.publishing import id_digest
+from recloop.producer_sim.presets import make_world
+from recloop.services.learn import LearnConfig, LearnerService, NoCatalogue
+from recloop.storage.store import Storage
+from tests.unit.learner.synth import SPEC, make_catalogue
 from tests.unit.test_snapshot_faults import EVERY, POLICY, TRANSITIONS, Loop
+from tests.unit.test_world_spec import world_transitions
 
 
 class FlakyBus(MemoryBus):
@@ -67,7 +80,10 @@ def manifest(loop: Loop, version: int) -> dict:
 
 @pytest.fixture
 def loop(tmp_path: Path) -> Loop:
-    return Loop(tmp_path, FlakyBus())
+    """The snapshot tests' learner world on a flaky bus that already holds the catalogue."""
+    loop = Loop(tmp_path, FlakyBus())
+    publish_catalogue(loop.bus, loop.settings.topics, make_catalogue(SPEC))
+    return loop
 
 
 def test_a_failed_announcement_is_sent_again_and_its_offsets_wait_for_it(loop):
@@ -143,3 +159,70 @@ def test_a_fatal_error_still_ends_run(loop):
     bus.fail_with = RuntimeError("a bug, not the broker")
     with pytest.raises(RuntimeError, match="a bug"):
         learner.run(lambda: False, max_seconds=30)
+
+
+# -- the catalogue and the sizes (issue 13): no preset, nothing trained on zeros -------------
+
+
+class CatalogueLoop:
+    """A learner's surroundings with a 300-item ``large_catalogue`` world's traffic."""
+
+    def __init__(self, tmp_path: Path, wait_s: float = 5.0) -> None:
+        self.settings = Settings(home=tmp_path, catalogue_wait_s=wait_s)
+        self.storage = Storage(self.settings.resolved_database_url)
+        self.bus = MemoryBus(self.settings.partitions)
+        self.world = make_world("large_catalogue", seed=0, n_items=300, dim=8)
+        self.transitions = world_transitions(self.world, episodes=3)
+
+    def produce(self, transitions: Sequence[Transition]) -> None:
+        for t in transitions:
+            self.bus.publish(self.settings.topics.transitions, t.user_id.encode(), codec.encode(t))
+        self.bus.flush()
+
+    def learner(self, **kwargs) -> LearnerService:
+        config = LearnConfig(algo="mf", policy="mf", snapshot_every_transitions=10**6,
+                             snapshot_every_s=math.inf, poll_max=64, poll_timeout_s=0.0)  # fmt: skip
+        return LearnerService(self.settings, config, storage=self.storage, bus=self.bus, **kwargs)
+
+
+def test_without_a_catalogue_the_learner_says_in_one_line_what_to_start(tmp_path):
+    loop = CatalogueLoop(tmp_path, wait_s=0.3)
+    with pytest.raises(NoCatalogue) as caught:
+        loop.learner()
+    message = str(caught.value)
+    assert "\n" not in message and "within 0 s" in message
+    assert "recloop sim" in message and loop.settings.topics.items in message
+
+
+def test_the_learner_reads_the_catalogue_and_its_sizes_off_the_stream(tmp_path):
+    loop = CatalogueLoop(tmp_path)
+    catalogue = loop.world.item_catalogue
+    publish_catalogue(loop.bus, loop.settings.topics, catalogue)
+    outside = msgspec.structs.replace(loop.transitions[0], transition_id="outside",
+                                      slate=[1, 2, 3, 4, 300])  # fmt: skip
+    loop.produce([outside, *loop.transitions])
+    learner = loop.learner()
+    assert learner.agent is None and learner.catalogue is not None  # sizes not known yet
+    applied = sum(iter(lambda: learner.step(), 0))
+    assert applied == len(loop.transitions)
+    assert learner.spec == loop.world.spec  # n_items, F from the catalogue; U, K, N the stream's
+    assert learner.agent.catalogue.sha256 == catalogue.sha256
+    [letter] = loop.bus.records(loop.settings.topics.dlq(loop.settings.topics.transitions))
+    assert b"outside" in letter.value
+    assert b"item 300 is outside the catalogue [0, 300)" in dict(letter.headers)["recloop.dlq.error"]
+
+    grown = catalogue.extended(np.ones((4, catalogue.feature_dim), np.float32) / 8**0.5)
+    publish_catalogue(loop.bus, loop.settings.topics, grown, first=catalogue.n_items)
+    learner.step()
+    assert learner.agent.catalogue.version == 2 and learner.agent.catalogue.n_items == 304
+
+    published = learner.publish()
+    manifest = read_snapshot(learner.snapshots.root / published.path)[1]
+    assert manifest["spec"] == loop.world.spec.to_dict()
+    assert manifest["catalogue"] == {"version": 2, "n_items": 304, "sha256": grown.sha256}
+    learner.close()
+
+    resumed = loop.learner()  # the sizes are the manifest's: the agent exists before any input
+    assert resumed.agent is not None and resumed.spec == loop.world.spec
+    assert resumed.agent.catalogue.version == 2
+    resumed.close()
