@@ -1,6 +1,7 @@
 """Test fixtures for the wire: one plausible record of every event type, and its topic and key.
 
-``example_events`` covers ``recloop.core.events.ALL_RECORD_TYPES`` (a test checks it does);
+``example_events`` covers ``recloop.core.events.ALL_RECORD_TYPES`` (a test checks it does),
+the item chunk and announcement of ``example_catalogue`` among them;
 ``topic_for`` and ``key_of`` read the topic table the way a producer must; ``round_trip``
 produces records to a real broker and reads them back through the DLQ consumer.
 """
@@ -10,9 +11,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
+
 from recloop.core import events, topics
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import Record
 from recloop.core.settings import Settings
+
+
+def example_catalogue() -> ItemCatalogue:
+    """Twelve items of two features (ids 0..11: every item the example records name)."""
+    return ItemCatalogue(np.arange(24, dtype=np.float32).reshape(12, 2) / 8.0, version=1)
 
 
 def example_events(ts: float = 1_700_000_000.0) -> list[Record]:
@@ -23,15 +32,14 @@ def example_events(ts: float = 1_700_000_000.0) -> list[Record]:
     )  # fmt: skip
     pending = events.PendingSlate(
         request_id="r-2", step=1, items=[3, 9], propensities=[0.5, 0.25], policy="reinforce",
-        policy_version=4, candidates=[3, 9, 11], candidate_features=[[0.1], [0.2], [0.3]],
-        served_ts=ts, impressed_positions=[0],
+        policy_version=4, candidates=[3, 9, 11], served_ts=ts, impressed_positions=[0],
     )  # fmt: skip
     uid, sid = "u-1", "s-1"
+    catalogue = example_catalogue()
     return [
         events.RecRequest(
             request_id="r-1", step=0, ts=ts, k=2, observation=[0.25, -1.0],
-            candidates=[3, 9, 11], candidate_features=[[0.1], [0.2], [0.3]], user_id=uid,
-            session_id=sid,
+            candidates=[3, 9, 11], user_id=uid, session_id=sid,
         ),
         events.SlateServed(
             request_id="r-1", step=0, ts=ts + 0.01, request_ts=ts, items=[9, 3],
@@ -61,9 +69,9 @@ def example_events(ts: float = 1_700_000_000.0) -> list[Record]:
         ),
         events.Transition(
             transition_id="u-1/s-1/r-1", request_id="r-1", state=view, slate=[9, 3],
-            propensities=[0.7, 0.3], policy="reinforce", policy_version=4, chosen_item=9,
-            chosen_position=0, reward=3.25, next_state=view, done=True, served_ts=ts,
-            outcome_ts=ts + 0.03, user_id=uid, session_id=sid,
+            propensities=[0.7, 0.3], candidates=[3, 9, 11], policy="reinforce",
+            policy_version=4, chosen_item=9, chosen_position=0, reward=3.25, next_state=view,
+            done=True, served_ts=ts, outcome_ts=ts + 0.03, user_id=uid, session_id=sid,
         ),
         events.PolicyPublished(
             policy="reinforce", algorithm="topk-reinforce", version=4, path="snapshots/4",
@@ -74,6 +82,8 @@ def example_events(ts: float = 1_700_000_000.0) -> list[Record]:
             ts=ts + 0.05, total_return=3.25, steps=1, clicks=1, clicked_quality_sum=0.75,
             policy_steps={"reinforce:4": 1}, user_id=uid, session_id=sid,
         ),
+        *catalogue.chunks(ts=ts),
+        catalogue.announcement(ts=ts),
     ]  # fmt: skip
 
 
@@ -88,9 +98,11 @@ def topic_for(record_type: type[Record]) -> str:
 
 
 def key_of(record: Record) -> str:
-    """The partition key the topic table names for ``record``'s topic."""
+    """The partition key the topic table names for ``record``'s topic: the named field's
+    value, or the name itself where the record has no such field (``catalogue``: one key)."""
     spec = topics.spec(topic_for(type(record)))
-    return str(getattr(record, spec.key))
+    value = getattr(record, spec.key, None)
+    return spec.key if value is None else str(value)
 
 
 def round_trip(settings: Settings, records: list[Record], timeout: float = 30.0) -> list[Any]:

@@ -4,11 +4,13 @@ For each type of ``events.ALL_RECORD_TYPES`` it builds three records from the co
 itself (``msgspec.inspect``, so the bounds of ``recloop.core.events`` are read, not copied):
 
 - ``typical``: lists the size an interest-evolution session sends (``TYPICAL_LENGTHS``),
-  ids of tens of characters, small numbers;
+  ids of tens of characters, small numbers, an item chunk of ``TYPICAL_CHUNK_BYTES`` (the
+  rows the simulator publishes per ``ItemChunk``);
 - ``largest``: the largest record the contract accepts under ``MAX_RECORD_BYTES``: every
   field filled in declaration order, each list to its ``max_length`` or until the byte
   budget is spent, each element as large as the bounds allow (ids at their maximum length,
-  integers at their upper bound), floats such as a model writes (``0.123456789``);
+  integers at their upper bound, bytes to their ``max_length``), floats such as a model
+  writes (``0.123456789``);
 - ``largest-slow-floats``: ``largest`` with every float written as the shortest form
   msgspec parses slowest (``1e308``; a probability ``4.9e-324``): the worst case per kB.
 
@@ -21,7 +23,9 @@ objects, and the ratio is codec over raw. The last line printed is one JSON obje
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -32,19 +36,21 @@ import msgspec
 import msgspec.inspect as mi
 
 from recloop.core import codec, events
+from recloop.core.catalogue import chunk_rows
 from recloop.core.dlq import MAX_RECORD_BYTES
 
 VARIANTS = ("typical", "largest", "largest-slow-floats")
 TYPICAL_LENGTHS: dict[str, int] = {
-    "candidates": 10, "candidate_features": 10, "observation": 20, "items": 3, "scores": 3,
+    "candidates": 10, "observation": 20, "items": 3, "scores": 3,
     "propensities": 3, "slate": 3, "next_slate": 3, "next_candidates": 10,
-    "next_candidate_features": 10, "history": 10, "history_rewards": 10, "pending": 2,
+    "history": 10, "history_rewards": 10, "pending": 2,
     "early_feedback": 2, "parked": 1, "done_requests": 16, "past_sessions": 4,
     "impressed_positions": 3, "metrics": 4, "policy_steps": 2,
 }  # fmt: skip
-"""List lengths of a typical interest-evolution record, by field name (others: 3); a
-feature row is ``TYPICAL_ROW`` floats."""
+"""List lengths of a typical interest-evolution record, by field name (others: 3); a list
+of lists has rows of ``TYPICAL_ROW`` elements."""
 TYPICAL_ROW = 20
+TYPICAL_CHUNK_BYTES = chunk_rows(TYPICAL_ROW) * TYPICAL_ROW * 4
 DEFAULT_ID_CHARS = 256
 """The length of a string the contract leaves unbounded (``events.MAX_ID_CHARS`` when it
 exists): such a string is an id, and the bench does not pad ids to fill a record."""
@@ -100,6 +106,12 @@ class _Builder:
         if isinstance(t, mi.UnionType):
             chosen = [m for m in t.types if not isinstance(m, mi.NoneType)]
             return self.value(chosen[0], budget, name) if chosen else None
+        if isinstance(t, mi.StrType) and t.pattern is not None:
+            return self.patterned(t.pattern)
+        if isinstance(t, mi.BytesType):
+            cap = t.max_length if t.max_length is not None else MAX_RECORD_BYTES
+            n = min(cap, max(0, (budget - 4) * 3 // 4)) if self.largest else TYPICAL_CHUNK_BYTES
+            return bytes(max(min(n, cap), t.min_length or 0))
         if isinstance(t, mi.StrType):
             cap = t.max_length if t.max_length is not None else self.id_chars
             n = min(cap, max(1, budget - 2)) if self.largest else min(cap, 24)
@@ -113,6 +125,15 @@ class _Builder:
         if isinstance(t, mi.NoneType):
             return None
         raise TypeError(f"the decode bench has no value for {t!r}")
+
+    @staticmethod
+    def patterned(pattern: str) -> str:
+        """A string the contract's ``pattern`` accepts: a sha256 digest (the only patterned
+        field, ``CatalogueAnnounced.sha256``); another pattern stops the bench."""
+        value = hashlib.sha256(b"recloop").hexdigest()
+        if re.search(pattern, value) is None:
+            raise TypeError(f"the decode bench has no value for the pattern {pattern!r}")
+        return value
 
     def integer(self, t: mi.IntType) -> int:
         low = t.ge if t.ge is not None else (t.gt + 1 if t.gt is not None else 0)

@@ -107,7 +107,6 @@ def serve_random(bootstrap: str, prefix: str, n_items: int, stop, cpu_out, seed:
                 policy="random",
                 policy_version=0,
                 candidates=req.candidates,
-                candidate_features=req.candidate_features,
                 observation=req.observation,
             )
             outbox.add(topics.slates, msg.key(), codec.encode(served))

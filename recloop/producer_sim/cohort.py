@@ -51,7 +51,6 @@ class Cohort:
         self.pending: list[RecRequest | None] = [None] * capacity
         self._obs: list[np.ndarray | None] = [None] * capacity
         self._cands: list[np.ndarray | None] = [None] * capacity
-        self._rows: list[list[float]] | None = None
         self._history: list[deque[tuple[int, float]]] = [
             deque(maxlen=history_len) for _ in range(capacity)
         ]
@@ -83,30 +82,14 @@ class Cohort:
         cands_UC = self.sim.candidates(slots)
         k = self.world.slate_size
         steps = self.sim.pop.steps_U[slots].tolist()
-        rows = self._feature_rows()
         out = []
         for i, slot in enumerate(slots.tolist()):
-            if cands_UC is None:
-                cand_C, cand_list, feat_rows = None, [], []
-            else:
-                cand_C = cands_UC[i]
-                cand_list = cand_C.tolist()
-                feat_rows = [rows[j] for j in cand_list]
-            req = wire.make_request(
-                self.user_ids[slot], steps[i], ts, k, obs_rows[i], cand_list, feat_rows
-            )
+            cand_C = None if cands_UC is None else cands_UC[i]
+            cand_list = [] if cand_C is None else cand_C.tolist()
+            req = wire.make_request(self.user_ids[slot], steps[i], ts, k, obs_rows[i], cand_list)
             self.pending[slot], self._obs[slot], self._cands[slot] = req, obs32_UD[i], cand_C
             out.append(req)
         return out
-
-    def _feature_rows(self) -> list[list[float]]:
-        """Every item's features as Python lists, built once: requests share these rows
-        instead of converting the same arrays again on every step."""
-        if self._rows is None:
-            self._rows = (
-                [] if self.world.num_candidates == 0 else self.world.catalogue.features_NF.tolist()
-            )
-        return self._rows
 
     def observation(self, slot: int) -> Observation:
         """What an in-process policy sees for the slot's pending request."""

@@ -46,11 +46,12 @@ def make_request(
     k: int,
     observation: list[float],
     candidates: list[int],
-    candidate_features: list[list[float]],
 ) -> RecRequest:
     """A request for a slate of ``k``; empty ``candidates`` means "the whole catalogue".
 
-    Takes plain lists: the caller converts numpy arrays once per batch, not per request.
+    Candidates are item ids only: their features are in the catalogue the simulator
+    published before its first request (``recloop.kafka.catalogue``). Takes plain lists:
+    the caller converts numpy arrays once per batch, not per request.
     """
     session_id = session_id_for(user_id)
     return RecRequest(
@@ -62,7 +63,6 @@ def make_request(
         k=k,
         observation=observation,
         candidates=candidates,
-        candidate_features=candidate_features,
     )
 
 
@@ -83,7 +83,6 @@ def make_slate_served(
         policy=policy,
         policy_version=policy_version,
         candidates=request.candidates,
-        candidate_features=request.candidate_features,
         observation=request.observation,
     )
 

@@ -11,9 +11,11 @@ has just arrived.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.spec import WorldSpec
 from recloop.producer_sim.choice import ChoiceModel, sample
 from recloop.producer_sim.documents import Catalogue, sample_candidates
@@ -49,6 +51,13 @@ class World:
             slate_size=self.slate_size,
             num_candidates=self.num_candidates,
         )
+
+    @cached_property
+    def item_catalogue(self) -> ItemCatalogue:
+        """What recommenders may know of the items: the observable features as catalogue
+        version 1, which the simulator publishes before its first request (the clusters,
+        qualities and lengths stay hidden in the world)."""
+        return ItemCatalogue(self.catalogue.features_NF, version=1)
 
     def item_features(self, ids: np.ndarray) -> np.ndarray:
         """Observable features of item ids (any shape) -> ``ids.shape + (F,)``, float32."""

@@ -7,6 +7,12 @@ decides what it clicks) and publishes its Impressions, Click and SessionEnd to
 ``sim.outcomes``; a fresh user then takes its place. The events are built by
 ``producer_sim.cohort``, the same code the in-process runner uses.
 
+Requests name their candidates by id only. Before its first request the service publishes
+its world's catalogue (``World.item_catalogue``, version 1) on ``items`` and ``catalogue``
+(``recloop.kafka.catalogue.publish_catalogue``), so serving and the learner can look every
+candidate's features up; a restarted simulator publishes the same version again (same
+sha256, so a follower that has it changes nothing).
+
 Failure handling:
 - a slate that does not decode, or decodes but cannot be shown (wrong size, repeated items,
   items outside the candidates), is dead-lettered by the ``Reader``, which holds back the
@@ -34,9 +40,10 @@ import numpy as np
 
 from recloop import metrics
 from recloop.core import codec
-from recloop.core.events import Click, Record, SlateAnswer
+from recloop.core.events import Click, Record, SlateServed
 from recloop.core.ports import Bus
 from recloop.core.settings import Settings
+from recloop.kafka.catalogue import publish_catalogue
 from recloop.kafka.deadletter import Consumed, Reader, fatal
 from recloop.producer_sim.cohort import Cohort, InvalidSlate
 from recloop.producer_sim.presets import make_world
@@ -79,9 +86,7 @@ class SimService:
         # answer to this run's requests and none of the backlog of earlier runs.
         self._reader: Reader | None = Reader(
             bus, self.topics, ["rec.slates"], self.topics.group(f"recloop-sim-{run_tag}"), CONSUMER_NAME,
-            # Only what the user acts on: the echoed candidate features are for learning.
-            value_types={self.topics.slates: SlateAnswer}, from_end=True,
-            tuning={"fetch.wait.max.ms": 10},
+            from_end=True, tuning={"fetch.wait.max.ms": 10},
         )  # fmt: skip
         self._waiting: dict[str, int] = {}  # request id -> slot
         self._sent_at = np.zeros(config.users)
@@ -93,8 +98,10 @@ class SimService:
     # -- the loop ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Fresh stats and the first users (after the reader owns its partitions)."""
+        """The catalogue published, fresh stats and the first users (after the reader owns
+        its partitions)."""
         cfg = self.config
+        publish_catalogue(self.bus, self.topics, self.world.item_catalogue)
         self._wait_for_assignment()
         self.stats = SimStats()
         self._start_users(np.arange(min(cfg.users, cfg.max_sessions or cfg.users)))
@@ -194,7 +201,9 @@ class SimService:
             if self.reader.consumer.assigned():
                 return
             self.reader.poll_batch(max_records=100, timeout=0.1)
-        raise TimeoutError(f"no partition of {self.topics.slates} assigned within {timeout_s:.0f} s")
+        raise TimeoutError(
+            f"no partition of {self.topics.slates} assigned within {timeout_s:.0f} s"
+        )
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -244,7 +253,7 @@ class SimService:
         slots, items, policies = [], [], []
         answered: set[int] = set()
         for msg in batch:
-            served: SlateAnswer = msg.value  # type: ignore[assignment]
+            served: SlateServed = msg.value  # type: ignore[assignment]
             slot = self._waiting.get(served.request_id)
             if slot is None or self.cohort.user_ids[slot] != served.user_id or slot in answered:
                 self.stats.unmatched_slates += 1
@@ -280,8 +289,11 @@ class SimService:
 
     def _refill(self, finished: np.ndarray) -> None:
         cap = self.config.max_sessions
-        room = finished.size if not cap else max(0, min(finished.size,
-                                                         cap - self.stats.sessions_started))
+        room = (
+            finished.size
+            if not cap
+            else max(0, min(finished.size, cap - self.stats.sessions_started))
+        )
         self._start_users(finished[:room])
 
     def _publish(self, topic: str, record: Record) -> None:

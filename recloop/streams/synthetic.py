@@ -31,6 +31,9 @@ class SyntheticConfig:
     """Slates per session."""
     k: int = 3
     """Items per slate."""
+    candidates: int = 10
+    """Candidate ids per slate, its items among them (interest_evolution offers 10); at
+    least ``k``."""
     catalogue: int = 100
     """Item ids are drawn from ``range(catalogue)``."""
     click_prob: float = 0.6
@@ -47,7 +50,8 @@ def user_events(cfg: SyntheticConfig, rng: random.Random, user: int) -> list[Rec
         sid = f"{uid}-s{s}"
         for step in range(cfg.steps):
             rid = f"{sid}-r{step}"
-            items = rng.sample(range(cfg.catalogue), cfg.k)
+            offered = rng.sample(range(cfg.catalogue), max(cfg.candidates, cfg.k))
+            items = offered[: cfg.k]
             ts += 1.0
             out.append(
                 SlateServed(
@@ -62,7 +66,7 @@ def user_events(cfg: SyntheticConfig, rng: random.Random, user: int) -> list[Rec
                     propensities=[1.0 / cfg.k] * cfg.k,
                     policy="random",
                     policy_version=0,
-                    candidates=sorted(items),
+                    candidates=sorted(offered),
                     observation=[float(step), float(s)],
                 )  # fmt: skip
             )
@@ -84,17 +88,28 @@ def slate_feedback(
     Click with its reward when the user clicked."""
     out: list[Record] = [
         Impression(
-            event_id=f"{request_id}-i{p}", user_id=user_id, session_id=session_id,
-            request_id=request_id, item=item, position=p, slate_size=len(items),
-            clicked=p == clicked, ts=ts,
+            event_id=f"{request_id}-i{p}",
+            user_id=user_id,
+            session_id=session_id,
+            request_id=request_id,
+            item=item,
+            position=p,
+            slate_size=len(items),
+            clicked=p == clicked,
+            ts=ts,
         )  # fmt: skip
         for p, item in enumerate(items)
     ]
     if clicked is not None:
         out.append(
             Click(
-                event_id=f"{request_id}-c", user_id=user_id, session_id=session_id,
-                request_id=request_id, item=items[clicked], position=clicked, reward=reward,
+                event_id=f"{request_id}-c",
+                user_id=user_id,
+                session_id=session_id,
+                request_id=request_id,
+                item=items[clicked],
+                position=clicked,
+                reward=reward,
                 ts=ts,
             )  # fmt: skip
         )

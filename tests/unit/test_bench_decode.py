@@ -41,11 +41,23 @@ def test_every_variant_is_a_record_the_contract_accepts(record_type: type) -> No
     assert sizes["largest"] > sizes["typical"]
 
 
-@pytest.mark.parametrize(
-    "record_type", [events.RecRequest, events.SlateServed, events.SessionState, events.Transition]
-)
-def test_the_largest_record_of_a_type_with_lists_fills_the_record_limit(record_type) -> None:
-    assert len(build_record(record_type, "largest")) > 0.95 * MAX_RECORD_BYTES
+@pytest.mark.parametrize("record_type", [events.SessionState, events.ItemChunk])
+def test_the_largest_record_of_a_type_with_room_for_it_fills_the_record_limit(record_type) -> None:
+    # An item chunk's bytes are bounded at MAX_CHUNK_BYTES: base64 makes 4/3 of them.
+    limit = min(MAX_RECORD_BYTES, events.MAX_CHUNK_BYTES * 4 // 3 + 200)
+    assert len(build_record(record_type, "largest")) > 0.95 * limit
+
+
+@pytest.mark.parametrize("record_type", [events.RecRequest, events.SlateServed,
+                                         events.Transition], ids=lambda t: t.__name__)  # fmt: skip
+def test_the_largest_ids_only_record_holds_every_list_at_its_bound(record_type) -> None:
+    """Since schema v2 no feature rows: a request, slate or transition is bounded by its
+    lists (10,000 candidate ids at most) far below the record limit, and the largest has
+    each list at its bound."""
+    data = build_record(record_type, "largest")
+    record = codec.decode(data, record_type)
+    assert len(record.candidates) == events.MAX_CANDIDATES
+    assert 200_000 < len(data) < 0.7 * MAX_RECORD_BYTES
 
 
 def test_the_command_is_registered_and_refuses_an_unknown_type() -> None:

@@ -1,7 +1,9 @@
 """Session state stays under ``FoldConfig.max_state_bytes`` whatever the records hold.
 
 Issue 12, finding 3: three 406 kB slates built a session state over the broker's record
-limit. The fold's caps (``recloop.streams.fold``, "Bounded state") refuse what would take a
+limit. Since schema v2 (issue 13) a slate carries candidate ids, not feature rows, so the
+largest slate the contract accepts is about 300 kB (10,000 candidate ids and every list at
+its bound); three of those would still make a state over the limit. The fold's caps (``recloop.streams.fold``, "Bounded state") refuse what would take a
 state past them with ``BufferFull``, which the shells dead-letter with the reason; the
 worst case of what they admit is computed by ``max_state_bytes`` and checked here on the
 largest state the caps allow.
@@ -16,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recloop.core import codec, dlq
+from recloop.core import codec, dlq, events
 from recloop.core.events import (
     Click,
     Impression,
@@ -31,6 +33,7 @@ from recloop.streams.batch import BatchFolder, RawRecord
 
 U = "u1"
 WORST_FLOAT = -2.2250738585072014e-308  # the longest float JSON has: 24 characters
+WORST_PROBABILITY = 2.2250738585072014e-308  # the longest a probability takes: 23
 TOP = 2**63 - 1  # the longest integer a held slate may carry (19 digits)
 CONFIG = fold.DEFAULT
 
@@ -39,13 +42,15 @@ def _worst_id(config: fold.FoldConfig = CONFIG) -> str:
     return '"' * config.id_chars  # printable ASCII, each character escaped to two bytes
 
 
-def _slate(rid: str, step: int, session: str = "s1", rows: int = 0, cols: int = 20,
-           value: float = 0.123456789, **fields) -> SlateServed:  # fmt: skip
+def _slate(rid: str, step: int, session: str = "s1", candidates: int = 0, first: int = 0,
+           **fields) -> SlateServed:  # fmt: skip
+    """A slate of three items offered from ``candidates`` ids counting down from ``first``
+    (default: up from 0)."""
+    ids = [first - i for i in range(candidates)] if first else list(range(candidates))
     return SlateServed(
         request_id=rid, user_id=U, session_id=session, step=step, ts=100.0 + step,
         request_ts=100.0 + step, items=[1, 2, 3], scores=[0.0] * 3, propensities=[0.5] * 3,
-        policy="p", policy_version=1, candidates=list(range(rows)),
-        candidate_features=[[value] * cols for _ in range(rows)], **fields,
+        policy="p", policy_version=1, candidates=ids, **fields,
     )  # fmt: skip
 
 
@@ -69,27 +74,44 @@ def test_the_worst_case_is_far_below_what_a_consumer_decodes():
     assert CONFIG.max_state_bytes <= 540_000 < dlq.MAX_RECORD_BYTES < 1_000_000
 
 
-def test_three_406_kB_slates_cannot_build_a_state_over_the_record_limit():
-    slates = [_slate(f"r{i}", i, rows=1650) for i in range(3)]
-    assert all(400_000 < len(codec.encode(s)) < 410_000 for s in slates)
+def _largest_slate(rid: str, step: int) -> SlateServed:
+    """About the largest slate the contract accepts: every list at its bound, ids at 19
+    digits, floats at their longest."""
+    k = events.MAX_SLATE
+    return msgspec.structs.replace(
+        _slate(rid, step, candidates=events.MAX_CANDIDATES, first=TOP,
+               observation=[WORST_FLOAT] * events.MAX_OBSERVATION),
+        items=[TOP - i for i in range(k)], scores=[WORST_FLOAT] * k,
+        propensities=[WORST_PROBABILITY] * k,
+    )  # fmt: skip
+
+
+def test_three_of_the_largest_slates_cannot_build_a_state_over_the_record_limit():
+    slates = [_largest_slate(f"r{i}", i) for i in range(3)]
+    assert all(290_000 < len(codec.encode(s)) < 310_000 for s in slates)
+    assert all(codec.decode(codec.encode(s), SlateServed) == s for s in slates)  # accepted
     sizes, rejects = _fold(slates)
     assert max(sizes, default=0) < dlq.MAX_RECORD_BYTES  # a consumer still decodes it
     assert max(sizes, default=0) <= CONFIG.max_state_bytes
     assert len(rejects) == 3  # each dead-lettered by the shell with its reason ...
-    assert all(
-        r.endswith("carries 36312 numbers (buffer full: slate_numbers=2048)") for r in rejects
-    )
+    assert all(r.endswith("an observation of 1024 (buffer full: observation_len=256)")
+               for r in rejects)  # fmt: skip
     # ... and counted as an overflow of the cap it hit.
-    assert [fold.overflow_cap(r) for r in rejects] == ["slate_numbers"] * 3
+    assert [fold.overflow_cap(r) for r in rejects] == ["observation_len"] * 3
+    # Within the observation cap, the candidate ids alone are too many numbers to hold.
+    short = [msgspec.structs.replace(s, observation=[WORST_FLOAT] * 256) for s in slates]
+    _, rejects = _fold(short)
+    assert all(r.endswith("carries 14352 numbers (buffer full: slate_numbers=2048)")
+               for r in rejects) and len(rejects) == 3  # fmt: skip
 
 
 def test_held_slates_of_the_worst_content_are_refused_past_the_caps():
-    # Slates of the longest ids and floats, each carrying as many numbers as one may.
-    worst = dict(cols=CONFIG.slate_numbers // 8 - 1, rows=8 - 1, value=WORST_FLOAT,
-                 observation=[WORST_FLOAT] * 8)  # fmt: skip
+    # Slates of the longest ids and numbers, each carrying as many numbers as one may.
+    worst = dict(candidates=CONFIG.slate_numbers - 12 - 256, first=TOP,
+                 observation=[WORST_FLOAT] * 256)  # fmt: skip
     ids = _worst_id()
     pending = [_slate(f"{i:03d}" + ids[3:], i, **worst) for i in range(8)]
-    assert fold.slate_numbers(pending[0]) <= CONFIG.slate_numbers
+    assert fold.slate_numbers(pending[0]) == CONFIG.slate_numbers
     parked = [_slate(f"q{i:03d}" + ids[4:], i, session="s2", **worst) for i in range(8)]
     sizes, rejects = _fold([*pending, *parked])
     # held_numbers fits five such slates: the rest are refused for it, the state bounded.
@@ -116,7 +138,7 @@ def test_past_pending_slates_and_early_feedback_records_are_refused():
         (_slate("r0", 0, session="s" * 900_000), "id_chars"),
         (_slate("r\x01", 0), "id_chars"),
         (_slate("r0", 0, observation=[0.0] * 257), "observation_len"),
-        (_slate("r0", 0, rows=100, cols=21), "slate_numbers"),
+        (_slate("r0", 0, candidates=2037), "slate_numbers"),
         (
             Click(
                 event_id="c",
@@ -189,20 +211,21 @@ def _largest_state(config: fold.FoldConfig) -> SessionState:
     (each held slate within the record caps, all of them within ``held_numbers``)."""
     ids = _worst_id(config)
     held = config.pending_slates + config.parked_slates
-    per_slate = config.held_numbers // held  # numbers: one feature row of per_slate - 1
-    row = [[WORST_FLOAT] * (per_slate - 1)]
+    per_slate = config.held_numbers // held  # numbers: the observation, then propensities
     assert per_slate <= config.slate_numbers
+    observation = [WORST_FLOAT] * min(per_slate, config.observation_len)
+    longest = [WORST_PROBABILITY] * (per_slate - len(observation))
     pending = [
-        PendingSlate(request_id=ids, step=TOP, items=[], propensities=[], policy=ids,
-                     policy_version=TOP, candidate_features=row, served_ts=WORST_FLOAT,
+        PendingSlate(request_id=ids, step=TOP, items=[], propensities=longest, policy=ids,
+                     policy_version=TOP, observation=observation, served_ts=WORST_FLOAT,
                      click_expected=True, chosen_position=TOP, reward=WORST_FLOAT,
                      outcome_ts=WORST_FLOAT)
         for _ in range(config.pending_slates)
     ]  # fmt: skip
     parked = [
         SlateServed(request_id=ids, user_id=ids, session_id=ids, step=TOP, ts=WORST_FLOAT,
-                    request_ts=WORST_FLOAT, items=[], scores=[], propensities=[], policy=ids,
-                    policy_version=TOP, candidate_features=row)
+                    request_ts=WORST_FLOAT, items=[], scores=[WORST_FLOAT] * len(longest),
+                    propensities=[], policy=ids, policy_version=TOP, observation=observation)
         for _ in range(config.parked_slates)
     ]  # fmt: skip
     assert sum(map(fold.slate_numbers, [*pending, *parked])) <= config.held_numbers
@@ -258,14 +281,13 @@ def _hostile(draw):
     """Slates and feedback of one user with ids, sizes and values drawn to be hostile."""
     session = draw(st.sampled_from(["s1", "s2", "s3", draw(_ids)]))
     if draw(st.booleans()):
-        rows = draw(st.integers(0, 40))
-        cols = draw(st.integers(0, 40))
+        candidates = draw(st.integers(0, 800))
         return SlateServed(
             request_id=draw(st.sampled_from(["r0", "r1", "r2", "r3"]) | _ids), user_id=U,
             session_id=session, step=draw(st.integers(0, 5)), ts=1.0, request_ts=1.0,
             items=[1, 2, 3], scores=[WORST_FLOAT] * 3, propensities=[0.5] * 3,
             policy=draw(_ids), policy_version=draw(st.integers(0, TOP)),
-            candidates=list(range(rows)), candidate_features=[[WORST_FLOAT] * cols] * rows,
+            candidates=[TOP - i for i in range(candidates)],
             observation=[WORST_FLOAT] * draw(st.integers(0, 300)),
         )  # fmt: skip
     return Impression(event_id=draw(_ids), user_id=U, session_id=session,

@@ -1,7 +1,8 @@
 """The fuzz tier: hostile bytes against the codec and every consumer's decode path.
 
-The property, for every record type of ``events.ALL_RECORD_TYPES``, every topic's value type
-and the simulator's ``SlateAnswer`` projection: ``codec.decode`` returns a record of the
+The property, for every record type of ``events.ALL_RECORD_TYPES`` (the catalogue's
+``ItemChunk`` and ``CatalogueAnnounced`` among them) and every topic's value type:
+``codec.decode`` returns a record of the
 type or raises ``RecordDecodeError``, nothing else (no ``RecursionError``, ``MemoryError``,
 ``OverflowError``), within a time bound per kB; a value over ``MAX_RECORD_BYTES`` is refused.
 Inputs are large, deep and adversarial: random bytes, valid records with fields dropped or
@@ -60,9 +61,8 @@ FUZZ = settings(
 
 
 def _targets() -> dict[str, Any]:
-    """Every type something decodes: each record type, each topic's value, SlateAnswer."""
+    """Every type something decodes: each record type, each topic's value."""
     out: dict[str, Any] = {t.__name__: t for t in events.ALL_RECORD_TYPES}
-    out["SlateAnswer"] = events.SlateAnswer
     for spec in topics.TOPIC_TABLE:
         out.setdefault(f"topic:{spec.base_name}", spec.value)
     return out
@@ -76,7 +76,7 @@ def _members(target: Any) -> tuple[type, ...]:
 
 
 def _examples_for(target: Any) -> list[events.Record]:
-    """The fixture records a decoder of ``target`` accepts (a slate for SlateAnswer)."""
+    """The fixture records a decoder of ``target`` accepts."""
     names = {m.__struct_config__.tag for m in _members(target)}
     found = [r for r in example_events() if type(r).__struct_config__.tag in names]
     assert found, f"no example for {target}"

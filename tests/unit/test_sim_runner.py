@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from recloop.core import codec
+from recloop.core.catalogue import CatalogueAssembler
 from recloop.core.events import (
     Click,
     EpisodeOutcome,
     Impression,
+    ItemChunk,
     RecRequest,
     SessionEnd,
     SlateServed,
@@ -107,7 +109,7 @@ def test_large_catalogue_requests_carry_no_candidates() -> None:
     run_episodes(world, RandomPolicy(seed=0), episodes=2, seed=0, sink=events.append)
     requests = [e for e in events if isinstance(e, RecRequest)]
     slates = [e for e in events if isinstance(e, SlateServed)]
-    assert requests and all(r.candidates == [] and r.candidate_features == [] for r in requests)
+    assert requests and all(r.candidates == [] for r in requests)
     assert all(s.propensities == [5 / world.catalogue.n_items] * 5 for s in slates)
 
 
@@ -138,7 +140,16 @@ class _Recorder:
 
 
 def test_policies_see_exactly_what_serving_would_decode() -> None:
+    """The request's ids, and their features as serving looks them up in the catalogue
+    the simulator publishes (``World.item_catalogue``) after it went over the wire."""
     world, policy, events = interest_evolution(), _Recorder(), []
+    published = world.item_catalogue.chunks(ts=1.0)
+    assembler = CatalogueAssembler()
+    for chunk in published:
+        assembler.add_chunk(codec.decode(codec.encode(chunk), ItemChunk))
+    assembler.announce(world.item_catalogue.announcement())
+    catalogue = assembler.install()
+    assert catalogue is not None and catalogue.sha256 == world.item_catalogue.sha256
     run_episodes(world, policy, episodes=3, seed=0, sink=events.append)
     requests = [
         codec.decode(codec.encode(e), RecRequest) for e in events if isinstance(e, RecRequest)
@@ -150,7 +161,7 @@ def test_policies_see_exactly_what_serving_would_decode() -> None:
         np.testing.assert_array_equal(obs.user_obs, np.asarray(req.observation, dtype=np.float32))
         np.testing.assert_array_equal(cands.ids, req.candidates)
         np.testing.assert_array_equal(
-            cands.features_NF, np.asarray(req.candidate_features, dtype=np.float32)
+            cands.features_NF, catalogue.features(np.asarray(req.candidates))
         )
 
 

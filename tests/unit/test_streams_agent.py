@@ -158,7 +158,7 @@ def test_malformed_and_contradicting_records_are_dead_lettered_and_the_rest_flow
     )  # fmt: skip
     bad = [
         (b"u0", b"{not json", 0),
-        (b"u0", codec.encode(events[0]).replace(b'"v":1', b'"v":9'), 0),
+        (b"u0", codec.encode(events[0]).replace(b'"v":2', b'"v":9'), 0),
         (b"someone-else", codec.encode(events[0]), 0),  # key is not the record's user
         (first_slate.user_id.encode(), codec.encode(wrong_click), 0),
     ]
