@@ -33,26 +33,39 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     )(bench_sim)
 
 
+_PRESET_FLAGS = (("slate_size", "--slate-size"), ("num_candidates", "--candidates"))
+"""The preset options the CLI sets, with their flags."""
+
+
 def _preset_options(preset: str, slate_size: int | None, candidates: int | None) -> dict:
+    """The options for ``preset``'s builder; a one-line ``BadParameter`` naming the flag for
+    an unknown preset, an option its builder does not take, or sizes it refuses."""
+    import inspect
+
     from recloop.producer_sim.presets import PRESETS
 
     if preset not in PRESETS:
         raise typer.BadParameter(
             f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}", param_hint="--preset"
         )
+    builder = PRESETS[preset]
+    takes = inspect.signature(builder).parameters
     options: dict = {}
-    if slate_size is not None:
-        options["slate_size"] = slate_size
-    if candidates is not None:
-        if preset != "interest_evolution":
+    for (name, flag), value in zip(_PRESET_FLAGS, (slate_size, candidates), strict=True):
+        if value is None:
+            continue
+        if name not in takes:
+            sets = [f for n, f in _PRESET_FLAGS if n in takes]
             raise typer.BadParameter(
-                "only interest_evolution takes --candidates", param_hint="--candidates"
+                f"{preset} takes no {flag} (it takes {', '.join(sets) or 'none of these'})",
+                param_hint=flag,
             )
-        options["num_candidates"] = candidates
+        options[name] = value
     try:
-        PRESETS[preset](**options)  # validate sizes now, with a clear message
+        builder(**options)  # validate sizes now, with a clear message
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        hint = "/".join(f for n, f in _PRESET_FLAGS if n in options) or "--preset"
+        raise typer.BadParameter(" ".join(str(exc).split()), param_hint=hint) from None
     return options
 
 
@@ -74,7 +87,7 @@ def sim(
     seed: int = typer.Option(0, help="Seed of the catalogue and of the users."),
     slate_size: int = typer.Option(None, min=1, help="Slate size K (default: the preset's)."),
     candidates: int = typer.Option(
-        None, min=1, help="Candidates per request (interest_evolution)."
+        None, min=1, help="Candidates per request (presets that offer a candidate list)."
     ),
     slate_timeout: float = typer.Option(
         5.0, min=0.1, help="Resend a request unanswered this long (s)."
