@@ -1,7 +1,8 @@
 """``recloop serve``'s shell on the real broker: slates out, DLQ, refused snapshots, live swaps.
 
-The service runs in a thread of the test process against the session's Kafka broker. Its
-policies come from snapshots of a tiny test policy (a score per item, stored as the
+The service runs in a thread of the test process against the session's Kafka broker, after
+the test published the catalogue (``publish_catalogue``: items + catalogue topics), its only
+source of items and features. Its policies come from snapshots of a tiny test policy (a score per item, stored as the
 snapshot's only tensor) through an injected loader, so these tests do not depend on the
 learner's algorithms.
 """
@@ -30,8 +31,11 @@ from recloop.core.dlq import (
 )
 from recloop.core.events import PolicyPublished, RecRequest, SessionState, SlateServed, UserView
 from recloop.core.ports import Slate
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.settings import Settings
 from recloop.core.snapshot import WEIGHTS_FILE, announced_path, write_snapshot
+from recloop.kafka.bus import KafkaBus
+from recloop.kafka.catalogue import publish_catalogue
 from recloop.kafka.clients import DeliveryTracker, flush_or_raise, make_consumer, make_producer
 from recloop.services.serve import ServeOptions, ServeService
 from recloop.serving.server import ServeConfig
@@ -41,6 +45,7 @@ pytestmark = pytest.mark.integration
 
 N_ITEMS = 12
 K = 3
+CATALOGUE = ItemCatalogue(np.array([[float(j), 1.0] for j in range(N_ITEMS)], np.float32))
 
 
 class ScorePolicy:
@@ -88,8 +93,7 @@ def scores_of(version: int) -> np.ndarray:
 def request(i: int, **overrides) -> RecRequest:
     fields = dict(request_id=f"r{i}", user_id=f"u{i % 17}", session_id=f"s{i % 17}", step=i,
                   ts=time.time(), k=K, observation=[0.25, float(i)],
-                  candidates=list(range(N_ITEMS)),
-                  candidate_features=[[float(j), 1.0] for j in range(N_ITEMS)])  # fmt: skip
+                  candidates=list(range(N_ITEMS)))  # fmt: skip
     fields.update(overrides)
     return RecRequest(**fields)
 
@@ -150,8 +154,15 @@ class Client:
         self.dlq.close()
 
 
+def publish_test_catalogue(settings: Settings) -> None:
+    """``CATALOGUE`` on the items + catalogue topics, as a simulator publishes its world's."""
+    bus = KafkaBus(settings, process="test-catalogue")
+    publish_catalogue(bus, settings.topics, CATALOGUE, timeout=30)
+
+
 @contextmanager
 def running_service(settings: Settings, config: ServeConfig) -> Iterator[ServeService]:
+    publish_test_catalogue(settings)
     service = ServeService(
         settings, config, load_score_policy,
         options=ServeOptions(batch_size=64, commit_every_s=0.5,
@@ -169,7 +180,7 @@ def running_service(settings: Settings, config: ServeConfig) -> Iterator[ServeSe
 
 
 def _config(fallback: str = "uniform") -> ServeConfig:
-    return ServeConfig(TrafficSplit.parse(["learned"]), fallback=fallback, n_items=N_ITEMS)
+    return ServeConfig(TrafficSplit.parse(["learned"]), fallback=fallback)
 
 
 def _wait_version(service: ServeService, version: int, timeout: float = 30.0) -> None:
@@ -221,8 +232,7 @@ def test_requests_in_slates_out_and_malformed_requests_to_the_dlq(kafka_settings
         assert slate.policy == "learned" and slate.policy_version == 0
         assert len(set(slate.items)) == K and set(slate.items) <= set(req.candidates)
         assert slate.propensities == [K / N_ITEMS] * K and len(slate.scores) == K
-        assert slate.candidates == req.candidates
-        assert slate.candidate_features == req.candidate_features
+        assert slate.candidates == req.candidates  # ids only (schema v2): no feature rows
         assert slate.observation == req.observation
 
     assert len(dead) == 3
@@ -240,6 +250,7 @@ def test_requests_in_slates_out_and_malformed_requests_to_the_dlq(kafka_settings
     assert "unanswerable" in rest_headers[HEADER_ERROR]
     assert stats["slates"] == 10 and stats["undecodable"] == 2 and stats["invalid"] == 1
     assert stats["sessions_cached"] == 1 and cached is not None and cached.history == [4, 5]
+    assert stats["catalogue"]["version"] == 1 and stats["catalogue"]["n_items"] == N_ITEMS
 
 
 def test_tampered_snapshot_is_refused_and_serving_keeps_answering(
