@@ -1,18 +1,23 @@
-"""``recloop bench serve``: request-to-slate latency through Kafka over a 100k-item catalogue.
+"""``recloop bench serve``: request-to-slate latency through Kafka over a catalogue of items.
 
-One run measures, side by side on the same machine and the same faiss index:
+The bench builds its own catalogue (random unit vectors, ``item_catalogue``) and publishes it
+on the ``items`` + ``catalogue`` topics like any catalogue owner; the serving service, a
+separate process, follows those topics, builds the faiss index of the catalogue's features
+(exact or HNSW, chosen by size, its recall measured at build) and serves a dot-product
+policy whose snapshot has no learned item embeddings, so retrieval runs on that index.
+For each catalogue size one run measures, side by side on the same machine:
 
 - **end to end**: a client produces ``RecRequest``s (no candidate list, so every request
-  needs retrieval) to ``rec.requests`` at a fixed rate; the serving service, a separate
-  process, answers on ``rec.slates``; latency is the slate's arrival at the client minus
-  the request's ``ts``, which includes both Kafka hops, decoding, batching and encoding;
-- **compute only**: the same serving core answering the same kind of request in-process,
-  one at a time (retrieval, ranking, exploration, building the SlateServed);
-- **raw faiss**: one top-M search of the same index, nothing else.
-
-The policy is a dot-product scorer whose item embeddings come in a real snapshot (written,
-announced, hash-checked and loaded by the service like any learned policy), so the service
-builds its faiss index from the snapshot before the measured phase starts.
+  needs retrieval) to ``rec.requests`` at a fixed rate; the service answers on
+  ``rec.slates``; latency is the slate's arrival at the client minus the request's ``ts``,
+  which includes both Kafka hops, decoding, batching and encoding; and the mean size of a
+  slate as it travels (ids only: schema v2). Three measured phases; each figure is the
+  median of the three (the per-phase figures are kept beside it);
+- **compute only**: the same serving core over an index built the same way, in-process,
+  one request at a time (retrieval, ranking, exploration, building the SlateServed);
+- **raw faiss**: one top-M search of that index, nothing else;
+- **recall@M**: the share of each bench query's exact top-M (brute force over the whole
+  catalogue) that the index returns, on the very queries the phases sent.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,26 +41,31 @@ import msgspec
 import numpy as np
 
 from recloop.core import codec, snapshot_auth
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import PolicyPublished, RecRequest
 from recloop.core.ports import Slate
 from recloop.core.settings import Settings
 from recloop.core.snapshot import announced_path, write_snapshot
 
 POLICY = "bench"
+SIZES = (100_000, 1_000_000)
+"""Catalogue sizes ``recloop bench serve`` measures by default."""
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What the serving benchmark runs."""
+    """What the serving benchmark runs (one catalogue size)."""
 
     rate: float = 100.0
-    """Requests per second during the measured phase."""
+    """Requests per second during each measured phase."""
     duration_s: float = 20.0
-    """Length of the measured phase."""
+    """Length of each measured phase."""
+    runs: int = 3
+    """Measured phases; each reported figure is their median."""
     n_items: int = 100_000
     """Catalogue size."""
     dim: int = 32
-    """Embedding dimension."""
+    """Feature dimension of the catalogue."""
     k: int = 5
     """Slate size."""
     m: int = 100
@@ -65,37 +75,35 @@ class BenchConfig:
     seed: int = 0
     """Seed of the catalogue and the users."""
     index_kind: str = "auto"
-    """faiss index kind (``auto`` is exact, IndexFlatIP, at 100k items)."""
+    """faiss index kind (``auto``: exact up to serving.retrieval.EXACT_LIMIT, HNSW above)."""
     compute_samples: int = 1000
     """Requests timed for the compute-only and raw-faiss figures."""
+    ready_timeout_s: float = 1800.0
+    """Longest wait for the service's first answer (publication, assembly, index build)."""
 
 
 class DotPolicy:
-    """Scores candidates by <user observation, item embedding>; deterministic top-K."""
+    """Scores candidates by <user observation, catalogue features>; deterministic top-K. It
+    has no learned item embeddings, so serving retrieves from the catalogue's own index."""
 
     name = POLICY
 
-    def __init__(self, embeddings_ND: np.ndarray) -> None:
-        self.embeddings_ND = np.ascontiguousarray(embeddings_ND, dtype=np.float32)
-
-    def item_embeddings(self) -> np.ndarray:
-        return self.embeddings_ND
-
     def recommend(self, observation, candidates, k):
-        scores_N = self.embeddings_ND[candidates.ids] @ observation.user_obs
+        scores_N = candidates.features_NF @ observation.user_obs
         top_K = np.argsort(-scores_N)[:k]
         return Slate(candidates.ids[top_K], scores_N[top_K].astype(np.float64), np.ones(k))
 
 
 def load_dot_policy(algorithm: str, tensors: dict[str, np.ndarray], manifest: dict) -> DotPolicy:
-    return DotPolicy(tensors["item_embeddings_ND"])
+    return DotPolicy()
 
 
-def catalogue(n_items: int, dim: int, seed: int) -> np.ndarray:
-    """Unit-norm random item embeddings (the same for the same seed, in every process)."""
+def item_catalogue(n_items: int, dim: int, seed: int) -> ItemCatalogue:
+    """Unit-norm random item features (the same for the same seed), as catalogue version 1."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
-    emb_ND = rng.normal(size=(n_items, dim)).astype(np.float32)
-    return emb_ND / np.linalg.norm(emb_ND, axis=1, keepdims=True)
+    features_NF = rng.normal(size=(n_items, dim)).astype(np.float32)
+    features_NF /= np.linalg.norm(features_NF, axis=1, keepdims=True)
+    return ItemCatalogue(features_NF, version=1)
 
 
 def _users(count: int, dim: int, seed: int) -> np.ndarray:
@@ -115,9 +123,7 @@ def _config(bench: BenchConfig):
     from recloop.serving.server import ServeConfig
     from recloop.serving.split import TrafficSplit
 
-    return ServeConfig(
-        TrafficSplit.parse([POLICY]), n_items=bench.n_items, retrieve_m=bench.m, seed=bench.seed
-    )
+    return ServeConfig(TrafficSplit.parse([POLICY]), retrieve_m=bench.m, seed=bench.seed)
 
 
 # -- the service process ---------------------------------------------------------------------
@@ -127,17 +133,16 @@ def serve_main(argv: list[str] | None = None) -> None:
     """Entry of the service subprocess: run until SIGTERM, then print its stats as JSON.
 
     A plain subprocess rather than multiprocessing: spawn would re-import the parent's
-    ``__main__``, which for ``python -m recloop`` runs the CLI again.
+    ``__main__``, which for ``python -m recloop`` runs the CLI again. The service knows the
+    catalogue only from Kafka.
     """
     from recloop.services.serve import ServeOptions, ServeService
 
     settings_kwargs, bench_kwargs = json.loads((argv or sys.argv)[1])
     bench = BenchConfig(**bench_kwargs)
-    emb_ND = catalogue(bench.n_items, bench.dim, bench.seed)
-    service = ServeService(
-        Settings(**settings_kwargs), _config(bench), load_dot_policy,
-        item_features=lambda ids: emb_ND[ids], options=ServeOptions(group_id="bench-serve", index_kind=bench.index_kind),
-    )  # fmt: skip
+    options = ServeOptions(group_id="bench-serve", index_kind=bench.index_kind)
+    service = ServeService(Settings(**settings_kwargs), _config(bench), load_dot_policy,
+                           options=options)  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     service.run()
     print(json.dumps(service.snapshot_stats()), flush=True)
@@ -152,7 +157,7 @@ def _start_service(settings_kwargs: dict, bench: BenchConfig) -> subprocess.Pope
 def _stop_service(proc: subprocess.Popen) -> dict:
     proc.send_signal(signal.SIGTERM)
     try:
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
@@ -165,18 +170,19 @@ def _stop_service(proc: subprocess.Popen) -> dict:
 
 
 class _SlateHead(msgspec.Struct):
-    """The two fields of a SlateServed the client needs; msgspec skips the rest unparsed,
-    so measuring does not compete with the service for CPU by decoding whole slates."""
+    """The fields of a SlateServed the client needs; msgspec skips the rest unparsed, so
+    measuring does not compete with the service for CPU by decoding whole slates."""
 
     request_id: str
     policy_version: int
+    candidates: list[int]
 
 
 _head_decoder = msgspec.json.Decoder(_SlateHead)
 
 
 class _Receiver:
-    """Reads slates in a thread, noting each one's arrival time."""
+    """Reads slates in a thread, noting each one's arrival time, size and candidates."""
 
     def __init__(self, settings: Settings) -> None:
         from recloop.kafka.clients import make_consumer
@@ -184,6 +190,7 @@ class _Receiver:
         self.consumer = make_consumer(settings, f"bench-client-{uuid.uuid4().hex[:8]}")
         self.consumer.subscribe([settings.topics.slates])
         self.arrivals: dict[str, tuple[float, int, int]] = {}
+        self.candidates: dict[str, list[int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -197,6 +204,7 @@ class _Receiver:
             if value is not None:
                 head = _head_decoder.decode(value)
                 self.arrivals[head.request_id] = (now, head.policy_version, len(value))
+                self.candidates[head.request_id] = head.candidates
 
     def close(self) -> None:
         self._stop.set()
@@ -224,12 +232,17 @@ def _percentiles_ms(seconds: list[float]) -> tuple[float, float]:
     return round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 99)), 3)
 
 
-def _announce(settings: Settings, root: Path, emb_ND: np.ndarray):
+def _publish(settings: Settings, root: Path, catalogue: ItemCatalogue) -> PolicyPublished:
+    """The catalogue on items + catalogue, then a snapshot of the policy on policy.snapshots."""
+    from recloop.kafka.bus import KafkaBus
+    from recloop.kafka.catalogue import publish_catalogue
     from recloop.kafka.clients import make_producer
 
+    publish_catalogue(KafkaBus(settings, process="bench-catalogue"), settings.topics, catalogue,
+                      timeout=120)  # fmt: skip
     manifest = {"algorithm": "dot", "config": {}, "metrics": {}, "consumed_offsets": {},
                 "transitions_applied": 0}  # fmt: skip
-    ref = write_snapshot(root, POLICY, 1, {"item_embeddings_ND": emb_ND}, manifest)
+    ref = write_snapshot(root, POLICY, 1, {"bias": np.zeros(1, np.float32)}, manifest)
     # Named relative to the root and signed as the learner does, so the service admits it.
     published = snapshot_auth.sign(PolicyPublished(
         policy=POLICY, algorithm="dot", version=1, path=announced_path(root, ref.path),
@@ -242,24 +255,42 @@ def _announce(settings: Settings, root: Path, emb_ND: np.ndarray):
     return published
 
 
-def _compute_only(bench: BenchConfig, settings: Settings, published: PolicyPublished, emb_ND,
-                  obs_UD) -> dict:  # fmt: skip
+class _LocalIndex:
+    """The bench's own copy of what the service builds (same catalogue, kind and M), built in
+    a thread while the service builds its own, for the compute-only, faiss and recall figures."""
+
+    def __init__(self, bench: BenchConfig, catalogue: ItemCatalogue) -> None:
+        from recloop.serving.items import ServedCatalogue, index_catalogue
+
+        self.served: ServedCatalogue | None = None
+        self.error: BaseException | None = None
+
+        def build() -> None:
+            try:
+                faiss.omp_set_num_threads(1)  # as the service runs it
+                self.served = index_catalogue(catalogue, bench.index_kind, bench.m)
+            except BaseException as exc:  # reported by get()
+                self.error = exc
+
+        self._thread = threading.Thread(target=build, name="bench-index", daemon=True)
+        self._thread.start()
+
+    def get(self):
+        self._thread.join()
+        if self.error is not None or self.served is None:
+            raise RuntimeError(f"the bench's index build failed: {self.error!r}")
+        return self.served
+
+
+def _compute_only(bench: BenchConfig, served, published: PolicyPublished, obs_UD) -> dict:
     """Time the serving core and a raw faiss search of the same index, in this process."""
     from recloop.serving.host import PolicyHost
     from recloop.serving.server import SlateServer
-    from recloop.serving.snapshots import SnapshotInstaller
 
-    faiss.omp_set_num_threads(1)  # as the service runs it
     host = PolicyHost([POLICY])
-    installer = SnapshotInstaller(host, load_dot_policy, settings.resolved_snapshot_dir,
-                                  bench.index_kind, key=settings.snapshot_key)  # fmt: skip
-    result = installer.install(published)
-    assert result.status == "swapped", result
-    server = SlateServer(_config(bench), host, item_features=lambda ids: emb_ND[ids])
-    active = host.current(POLICY)
-    index = None if active is None else active.index
-    if index is None:  # the install above swapped a dot-product policy in, with its index
-        raise RuntimeError(f"{POLICY!r} has no catalogue index after {result}")
+    host.swap(POLICY, published.version, DotPolicy(), algorithm="dot")
+    server = SlateServer(_config(bench), host, catalogue=served)
+    index = served.index
     compute, faiss_s, encode = [], [], []
     for i in range(bench.compute_samples):
         req = _request(i, "c", obs_UD[i % len(obs_UD)], bench.k)
@@ -274,16 +305,22 @@ def _compute_only(bench: BenchConfig, settings: Settings, published: PolicyPubli
         encode.append(t2 - t1)
         faiss_s.append(t3 - t2)
     return {
-        "index_kind": index.kind,
-        "index_load_s": round(result.seconds, 3),
         "compute": _percentiles_ms(compute),
         "encode": _percentiles_ms(encode),
         "faiss": _percentiles_ms(faiss_s),
     }
 
 
+def _recall(catalogue: ItemCatalogue, served, queries_QD: np.ndarray, m: int) -> float:
+    """recall@m of ``served``'s index against brute force on the bench's own queries."""
+    from recloop.serving.retrieval import exact_top, recall_of
+
+    found_QM, _ = served.index.search(queries_QD, m)
+    return round(recall_of(found_QM, exact_top(catalogue.features_NF, queries_QD, m)), 4)
+
+
 def run_bench(bench: BenchConfig) -> dict[str, Any]:
-    """Run the whole benchmark; returns its figures (the CLI prints them as one JSON line)."""
+    """Run the whole benchmark for one catalogue size; returns its figures."""
     from recloop.kafka.admin import create_topics, delete_topics
     from recloop.ops.broker import LocalBroker
 
@@ -300,11 +337,12 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
             "topic_prefix": f"bench-serve-{uuid.uuid4().hex[:8]}.",
             "home": str(work),
             "snapshot_dir": str(work / "snapshots"),
+            "catalogue_wait_s": bench.ready_timeout_s,
         }
         settings = Settings(**settings_kwargs)
         try:
             create_topics(settings)
-            figures = _measure(bench, settings, settings_kwargs, work)
+            figures = _measure(bench, settings, settings_kwargs)
         finally:
             # The figures matter more than tidying up topics.
             with contextlib.suppress(Exception):
@@ -314,34 +352,68 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
     return figures
 
 
-def _measure(bench: BenchConfig, settings: Settings, settings_kwargs: dict, work: Path) -> dict:
+def run_sizes(bench: BenchConfig, sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
+    """``run_bench`` for every catalogue size; the CLI prints the result as one JSON line."""
+    return {"bench": "serve", "sizes": [run_bench(replace(bench, n_items=n)) for n in sizes]}
+
+
+def _phase(bench: BenchConfig, settings: Settings, producer, receiver: _Receiver, obs_UD,
+           run: int) -> dict[str, Any]:  # fmt: skip
+    count = int(bench.rate * bench.duration_s)
+    offset = run * count
+    sent = _send_at_rate(
+        producer, settings.topics.requests,
+        lambda i: _request(i, f"m{run}-", obs_UD[(offset + i) % len(obs_UD)], bench.k),
+        count, bench.rate,
+    )  # fmt: skip
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not all(r in receiver.arrivals for r in sent):
+        time.sleep(0.05)
+    arrivals = dict(receiver.arrivals)
+    latencies = [arrivals[r][0] - ts for r, ts in sent.items() if r in arrivals]
+    sizes = [arrivals[r][2] for r in sent if r in arrivals]
+    candidates = [len(receiver.candidates[r]) for r in sent if r in arrivals]
+    p50, p99 = _percentiles_ms(latencies)
+    return {
+        "requests": len(sent),
+        "answered": sum(r in arrivals for r in sent),
+        "served_versions": sorted({arrivals[r][1] for r in sent if r in arrivals}),
+        "e2e_p50_ms": p50,
+        "e2e_p99_ms": p99,
+        "slate_bytes_mean": round(float(np.mean(sizes)), 1) if sizes else 0.0,
+        "candidates_mean": round(float(np.mean(candidates)), 1) if candidates else 0.0,
+    }
+
+
+def _median(phases: list[dict[str, Any]], key: str) -> float:
+    return round(float(np.median([p[key] for p in phases])), 3)
+
+
+def _measure(bench: BenchConfig, settings: Settings, settings_kwargs: dict) -> dict:
     from recloop.kafka.clients import make_producer
 
-    emb_ND = catalogue(bench.n_items, bench.dim, bench.seed)
+    catalogue = item_catalogue(bench.n_items, bench.dim, bench.seed)
     obs_UD = _users(4096, bench.dim, bench.seed)
+    t0 = time.monotonic()
+    published = _publish(settings, Path(settings_kwargs["snapshot_dir"]), catalogue)
+    publish_s = time.monotonic() - t0
     server = _start_service(settings_kwargs, bench)
+    local = _LocalIndex(bench, catalogue)
     receiver = _Receiver(settings)
     producer = make_producer(settings, {"linger.ms": 0})
+    phases: list[dict[str, Any]] = []
     try:
-        published = _announce(settings, Path(settings_kwargs["snapshot_dir"]), emb_ND)
-        _warm_up(bench, settings, producer, receiver, obs_UD)
-        count = int(bench.rate * bench.duration_s)
-        sent = _send_at_rate(
-            producer, settings.topics.requests,
-            lambda i: _request(i, "m", obs_UD[i % len(obs_UD)], bench.k), count, bench.rate,
-        )  # fmt: skip
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not all(r in receiver.arrivals for r in sent):
-            time.sleep(0.05)
-        arrivals = dict(receiver.arrivals)
+        ready_s = _warm_up(bench, settings, producer, receiver, obs_UD)
+        served = local.get()  # built by now or soon: not while a phase is measured
+        for run in range(bench.runs):
+            phases.append(_phase(bench, settings, producer, receiver, obs_UD, run))
     finally:
         receiver.close()
         service_stats = _stop_service(server)
-    latencies = [arrivals[r][0] - ts for r, ts in sent.items() if r in arrivals]
-    versions = sorted({arrivals[r][1] for r in sent if r in arrivals})
-    sizes = [arrivals[r][2] for r in sent if r in arrivals]
-    e2e = _percentiles_ms(latencies)
-    local = _compute_only(bench, settings, published, emb_ND, obs_UD)
+    timed = _compute_only(bench, served, published, obs_UD)
+    count = int(bench.rate * bench.duration_s)
+    sent_QD = obs_UD[: min(len(obs_UD), count * bench.runs)]
+    service_catalogue = service_stats.get("catalogue") or {}
     return {
         "bench": "serve",
         "cpus": os.cpu_count(),
@@ -351,44 +423,54 @@ def _measure(bench: BenchConfig, settings: Settings, settings_kwargs: dict, work
         "retrieve_m": bench.m,
         "rate_rps": bench.rate,
         "duration_s": bench.duration_s,
-        "requests": len(sent),
-        "answered": sum(r in arrivals for r in sent),
-        "missing": sum(r not in arrivals for r in sent),
-        "served_versions": versions,
-        "slate_bytes_mean": round(float(np.mean(sizes)), 1) if sizes else 0.0,
-        "index_kind": local["index_kind"],
-        "index_load_s": local["index_load_s"],
-        "e2e_p50_ms": e2e[0],
-        "e2e_p99_ms": e2e[1],
-        "compute_p50_ms": local["compute"][0],
-        "compute_p99_ms": local["compute"][1],
-        "encode_p50_ms": local["encode"][0],
-        "faiss_p50_ms": local["faiss"][0],
-        "faiss_p99_ms": local["faiss"][1],
+        "runs": bench.runs,
+        "requests": sum(p["requests"] for p in phases),
+        "answered": sum(p["answered"] for p in phases),
+        "missing": sum(p["requests"] - p["answered"] for p in phases),
+        "served_versions": sorted({v for p in phases for v in p["served_versions"]}),
+        "slate_bytes_mean": _median(phases, "slate_bytes_mean"),
+        "candidates_mean": _median(phases, "candidates_mean"),
+        "e2e_p50_ms": _median(phases, "e2e_p50_ms"),
+        "e2e_p99_ms": _median(phases, "e2e_p99_ms"),
+        "e2e_p99_ms_runs": [p["e2e_p99_ms"] for p in phases],
+        "compute_p50_ms": timed["compute"][0],
+        "compute_p99_ms": timed["compute"][1],
+        "encode_p50_ms": timed["encode"][0],
+        "faiss_p50_ms": timed["faiss"][0],
+        "faiss_p99_ms": timed["faiss"][1],
+        "index": served.index.report(),
+        f"recall_at_{bench.m}": _recall(catalogue, served, sent_QD, bench.m),
+        "service_index": service_catalogue.get("index"),
+        "catalogue_publish_s": round(publish_s, 1),
+        "service_ready_s": round(ready_s, 1),
         "service_compute_ms_per_request": round(
             float(service_stats.get("compute_ms_per_request", float("nan"))), 3
         ),
     }
 
 
-def _warm_up(bench: BenchConfig, settings: Settings, producer, receiver: _Receiver, obs_UD) -> None:
-    """Until the service answers with the snapshot's version, then two seconds at rate."""
-    deadline = time.monotonic() + 180
+def _warm_up(bench: BenchConfig, settings: Settings, producer, receiver: _Receiver,
+             obs_UD) -> float:  # fmt: skip
+    """Until the service answers with the snapshot's version (it has followed the catalogue
+    and built its index by then), then two seconds at rate; returns seconds to the first."""
+    start = time.monotonic()
     i = 0
-    while time.monotonic() < deadline:
+    while time.monotonic() - start < bench.ready_timeout_s:
         req = _request(i, "w", obs_UD[i % len(obs_UD)], bench.k)
         producer.produce(
             settings.topics.requests, key=req.user_id.encode(), value=codec.encode(req)
         )
         producer.flush(10)
-        time.sleep(0.1)
+        time.sleep(0.5)
         i += 1
         if any(v == 1 for _, v, _ in list(receiver.arrivals.values())):
             break
     else:
         raise RuntimeError("the serving process never answered with the snapshot's policy")
+    ready_s = time.monotonic() - start
     _send_at_rate(
         producer, settings.topics.requests,
         lambda j: _request(j, "x", obs_UD[j % len(obs_UD)], bench.k),
         int(bench.rate * 2), bench.rate,
     )  # fmt: skip
+    return ready_s

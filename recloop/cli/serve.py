@@ -112,9 +112,13 @@ def serve(
 
 def bench_serve(
     rate: float = typer.Option(100.0, min=1.0, help="Requests per second sent to rec.requests."),
-    duration: float = typer.Option(20.0, min=1.0, help="Seconds of measured load."),
-    n_items: int = typer.Option(100_000, min=100, help="Catalogue size."),
-    dim: int = typer.Option(32, min=2, help="Embedding dimension."),
+    duration: float = typer.Option(20.0, min=1.0, help="Seconds of each measured phase."),
+    runs: int = typer.Option(3, min=1, help="Measured phases; figures are their median."),
+    items: Annotated[
+        list[int] | None,
+        typer.Option("--items", min=100, help="Catalogue size, repeatable. Default: 100k and 1M."),
+    ] = None,
+    dim: int = typer.Option(32, min=2, help="Feature dimension of the catalogue."),
     slate_size: int = typer.Option(5, min=1, help="Items per slate."),
     retrieve: int = typer.Option(100, min=1, help="Candidates retrieved by faiss per request."),
     index: str = typer.Option("auto", help="faiss index kind: auto | flat | hnsw | ivf."),
@@ -122,16 +126,25 @@ def bench_serve(
         "", help="Kafka bootstrap; default: a private local broker the bench starts and stops."
     ),
 ) -> None:
-    """Measure serving latency through Kafka; the last line is JSON."""
-    from recloop.bench.serve import BenchConfig, run_bench
+    """Measure serving latency through Kafka; one summary line per size, the last line JSON."""
+    from recloop.bench.serve import SIZES, BenchConfig, run_sizes
     from recloop.serving.retrieval import INDEX_KINDS
 
     if index not in INDEX_KINDS:
         raise typer.BadParameter(f"{index!r}; choose one of {INDEX_KINDS}", param_hint="--index")
 
     config = BenchConfig(
-        rate=rate, duration_s=duration, n_items=n_items, dim=dim, k=slate_size, m=retrieve,
+        rate=rate, duration_s=duration, runs=runs, dim=dim, k=slate_size, m=retrieve,
         bootstrap=bootstrap, index_kind=index,
     )  # fmt: skip
-    figures = run_bench(config)
+    figures = run_sizes(config, tuple(items or SIZES))
+    for size in figures["sizes"]:
+        recall = size[f"recall_at_{retrieve}"]
+        typer.echo(
+            f"{size['n_items']:>9,} items ({size['index']['kind']}): e2e p50 "
+            f"{size['e2e_p50_ms']} ms p99 {size['e2e_p99_ms']} ms at {rate:g} req/s; compute "
+            f"p50 {size['compute_p50_ms']} ms; faiss p50 {size['faiss_p50_ms']} ms; "
+            f"recall@{retrieve} {recall}; slate {size['slate_bytes_mean']:.0f} B",
+            err=True,
+        )
     print(json.dumps(figures, sort_keys=True))
