@@ -182,33 +182,41 @@ class ServeService:
         """Install every pending announcement (newest per policy), in this thread."""
         self.installs.install_pending()
 
-    def warm_up(self, timeout_s: float) -> bool:
+    def warm_up(self, timeout_s: float, build_here: bool = True) -> bool:
         """Before the first request: read ``policy.snapshots``, ``session.state`` and the
         catalogue to their ends, index the catalogue and install the newest snapshots, so a
         restarted server answers with the versions it served before, never with the fallback
         of a cold start (served versions never go backwards). Catching up is bounded by
-        ``timeout_s``; the catalogue is waited for up to ``Settings.catalogue_wait_s`` and
-        without one ``NoCatalogue`` is raised (its message says what to start). Returns
-        whether it caught up."""
+        ``timeout_s``; a complete catalogue is waited for up to ``Settings.catalogue_wait_s``
+        (without one ``NoCatalogue`` is raised, its message saying what to start), then its
+        index build is waited out (a failed build raises ``NoCatalogue`` with the reason).
+        ``build_here=False`` leaves the build to the indexing thread (``run``), so the side
+        reader keeps polling its group while a large index builds. Returns whether it
+        caught up."""
         start = time.monotonic()
         self.poll_side(timeout=0.0)
         assert self._side is not None
         caught_up = False
         while not self._stop.is_set():
             self.poll_side(timeout=0.1)
+            if build_here:
+                self.catalogues.build_pending()
             caught_up = caught_up or self._side.consumer.caught_up()
             waited = time.monotonic() - start
-            have = self.follower.current is not None or self.server.served is not None
-            if have and (caught_up or waited >= timeout_s):
+            if self.server.served is not None and (caught_up or waited >= timeout_s):
                 break
-            if not have and waited >= self.settings.catalogue_wait_s:
-                raise NoCatalogue(self._no_catalogue(waited))
+            if self.follower.current is None:
+                if waited >= self.settings.catalogue_wait_s:
+                    raise NoCatalogue(self._no_catalogue(waited))
+            elif not self.catalogues.pending and self.server.served is None:
+                errors = list(self.catalogues.errors)
+                raise NoCatalogue(f"serve: the catalogue's index was not built: "
+                                  f"{errors[-1] if errors else 'no reason given'}")  # fmt: skip
         if not caught_up:
             why = "no partitions yet" if not self._side.consumer.assigned() else "still behind"
             log.warning("serve: not caught up with %s within %.0f s (%s); serving anyway",
                         self.topics.snapshots, timeout_s, why)  # fmt: skip
             self._errors.append(f"warm-up: not caught up within {timeout_s:.0f} s ({why})")
-        self.catalogues.build_pending()
         self.install_pending()
         return caught_up
 
@@ -238,10 +246,13 @@ class ServeService:
                                      name="serve-install", daemon=True)  # fmt: skip
         indexer = threading.Thread(target=self.catalogues.run_until, args=(self._stop,),
                                    name="serve-index", daemon=True)  # fmt: skip
+        indexer.start()
         try:
-            self.warm_up(self.options.warm_up_s)
+            self.warm_up(self.options.warm_up_s, build_here=False)
         except NoCatalogue:
-            raise  # nothing can be answered without one; the message says what to start
+            self.stop()  # nothing can be answered without one; the message says what to start
+            indexer.join(timeout=60)
+            raise
         except Exception as exc:
             if fatal(exc):
                 raise
@@ -249,7 +260,6 @@ class ServeService:
         requests = self.requests
         side.start()
         installer.start()
-        indexer.start()
         start = last_tick = time.monotonic()
         try:
             while not self._stop.is_set():

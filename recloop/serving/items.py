@@ -78,6 +78,7 @@ class CatalogueSwap:
         self._cv = threading.Condition()
         self._build_lock = threading.Lock()
         self.swaps = 0
+        self.failed = 0
         self.errors: deque[str] = deque(maxlen=20)
 
     def offer(self, catalogue: ItemCatalogue) -> bool:
@@ -93,8 +94,9 @@ class CatalogueSwap:
 
     @property
     def pending(self) -> bool:
+        """Whether a catalogue waits for its index or is being indexed now."""
         with self._cv:
-            return self._pending is not None
+            return self._pending is not None or self._build_lock.locked()
 
     def build_pending(self) -> ServedCatalogue | None:
         """Index and install the waiting catalogue, if any; returns what was installed."""
@@ -106,6 +108,7 @@ class CatalogueSwap:
             try:
                 served = index_catalogue(catalogue, self.kind, self.recall_m)
             except Exception as exc:  # the catalogue serving now stays; say why
+                self.failed += 1
                 self.errors.append(f"index catalogue v{catalogue.version}: {exc!r}")
                 log.exception("indexing catalogue v%d failed", catalogue.version)
                 return None
