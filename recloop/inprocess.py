@@ -9,11 +9,14 @@
     paired.difference("slateq", "random")    # mean ± 95% CI of the per-episode difference
 
 ``train`` runs the product's own services on the in-memory bus (``recloop.core.membus``),
-round-robin in one thread: ``SimService`` (requests out, slates in, feedback out),
-``FoldStep`` (the streams fold: transitions and session.state), ``LearnerService``
-(``learn_many`` on chunks of at most ``learn_chunk``, snapshots announced on
-policy.snapshots) and ``ServeService`` (``SlateServer``: traffic split, fallback,
-exploration). Only the snapshot store differs: an announcement installs the agent's *live*
+round-robin in one thread: ``SimService`` (its world's catalogue on items + catalogue,
+requests out, slates in, feedback out), ``FoldStep`` (the streams fold: transitions and
+session.state), ``LearnerService`` (follows the catalogue into its agent, ``learn_many`` on
+chunks of at most ``learn_chunk``, snapshots announced on policy.snapshots) and
+``ServeService`` (follows the catalogue and indexes it, ``SlateServer``: traffic split,
+fallback, exploration). As in the deployed loop the simulator publishes the catalogue first
+and the other services read it off the bus; nothing hands them the world. Only the
+snapshot store differs: an announcement installs the agent's *live*
 policy, the object that keeps learning, so serving answers with what it has learned so far;
 the learner announces version 1 before the first request, so no slate of training comes
 from the fallback unless a test asks for one (``serve_from_start=False``).
@@ -179,12 +182,11 @@ def build_loop(world: World, agents: Mapping[str, object], episodes: int, seed: 
                        slate_timeout_s=0.0, run_tag=run_tag or f"train{seed}",
                        keep_outcomes=True)  # fmt: skip
     sim = SimService(settings, config, bus=bus, world=world)
-    serve_config = ServeConfig(split=split, fallback=fallback, epsilon=epsilon,
-                               n_items=world.catalogue.n_items, seed=seed)  # fmt: skip
+    sim.start()  # the catalogue on the bus, then the first requests
+    serve_config = ServeConfig(split=split, fallback=fallback, epsilon=epsilon, seed=seed)
     policies = {name: agent.policy() for name, agent in agents.items()}  # type: ignore[attr-defined]
     host = PolicyHost(serve_config.learned_policies)
-    serve = ServeService(settings, serve_config, item_features=world.item_features, bus=bus,
-                         options=ServeOptions(batch_size=10**6),
+    serve = ServeService(settings, serve_config, bus=bus, options=ServeOptions(batch_size=10**6),
                          installer=LiveInstaller(host, policies), host=host)  # fmt: skip
     learners = []
     for name, agent in agents.items():

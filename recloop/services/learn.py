@@ -168,6 +168,8 @@ class LearnerService:
         self.agent = agent
         if agent is None and self.spec is not None:
             self.agent = self._make_agent(self.spec)
+        elif agent is not None and self.catalogue is not None and agent.catalogue is None:
+            agent.set_catalogue(self.catalogue)  # a caller's agent, built before the catalogue
         self.progress = publishing.Progress()
         self.window = publishing.DedupeWindow(config.dedupe_window)
         self.schedule = publishing.PublishSchedule(config.snapshot_every_transitions,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from recloop.core import codec
-from recloop.core.events import SlateServed, Transition
+from recloop.core.events import RecRequest, SlateServed, Transition
 from recloop.inprocess import build_loop, spec_for
 from recloop.learner import registry
 from recloop.producer_sim.presets import make_world
@@ -90,3 +90,25 @@ def test_serving_explores_at_epsilon_with_honest_propensities() -> None:
     # In the policy's slate: (1-ε) + εK/N; drawn by exploration outside it: εK/N.
     assert props <= {round(0.75 + 0.25 * k / n, 9), round(0.25 * k / n, 9)}
     assert round(0.75 + 0.25 * k / n, 9) in props
+
+
+def test_the_catalogue_travels_on_the_bus_to_learner_and_serving() -> None:
+    """No candidate list and no world handed over: the simulator publishes its catalogue,
+    the learner's agent and serving take it off the bus and the slates come from it."""
+    world = make_world("large_catalogue", seed=0, n_items=500, dim=8)
+    agent = registry.make_agent("mf", spec_for(world), seed=0)
+    assert agent.catalogue is None
+    loop = build_loop(world, {"mf": agent}, 12, seed=6)
+    loop.run()
+    sha = world.item_catalogue.sha256
+    assert agent.catalogue is not None and agent.catalogue.sha256 == sha
+    assert loop.serve.server.served is not None
+    assert loop.serve.server.served.catalogue.sha256 == sha
+    requests = [codec.decode(m.value, RecRequest)
+                for m in loop.bus.records(loop.sim.topics.requests)]  # fmt: skip
+    assert requests and not any(r.candidates for r in requests)
+    slates = [codec.decode(m.value, SlateServed) for m in loop.bus.records(loop.sim.topics.slates)]
+    # Each slate names what serving retrieved from the catalogue for it, and ranks from those.
+    assert all(len(s.items) == world.slate_size and set(s.items) <= set(s.candidates)
+               and len(s.candidates) <= 100 for s in slates)  # fmt: skip
+    assert loop.learners[0].progress.transitions_applied == len(slates)
