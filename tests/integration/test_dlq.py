@@ -34,7 +34,7 @@ BAD_VALUES = [
     b"{not json",
     b'{"type":"Click","v":1,"event_id":"x"}',  # missing fields
     codec.encode(_click(99)).replace(b'"reward":99.0', b'"reward":NaN'),
-    codec.encode(_click(98)).replace(b'"v":1', b'"v":42'),  # unknown schema version
+    codec.encode(_click(98)).replace(b'"v":2', b'"v":42'),  # unknown schema version
 ]
 # What each dead letter's error header must name, in the order of BAD_VALUES.
 BAD_REASONS = ["malformed JSON", "missing required field", "malformed JSON", "schema version 42"]

@@ -5,9 +5,13 @@ serve and sim as ``python -m recloop`` children, tracked by pid, so "restarts: 0
 count) on the suite's broker, with the demo's ``LoopMonitor`` in this process (the reader of
 ``sim.outcomes``). Once a learned snapshot is out, each poison kind goes into every topic of
 the topic table: random bytes, truncated JSON, NaN, a wrong version, a 996-deep array in an
-unknown field, 5000-deep nesting, a 1,000,000-byte value, a 900 kB RecRequest, a
-SessionState with ``history=[10**15]``, three 406 kB slates for one user and forged
-announcements (an absolute path, ``..``, a huge version). Valid probe requests follow each
+unknown field, 5000-deep nesting, a 1,000,000-byte value, a RecRequest of 10,000 candidate
+ids none of which is in the catalogue (since schema v2 a request carries ids only: the
+largest the contract accepts is ~300 kB), a SessionState with ``history=[10**15]``, three
+slates of 10,000 candidate ids for one user (more numbers than a held slate may carry) and
+forged announcements (an absolute path, ``..``, a huge version). The catalogue's topics
+(``items``, ``catalogue``) get the kinds that do not decode, which every catalogue follower
+(serving's side reader, the learner's) dead-letters. Valid probe requests follow each
 poison on ``rec.requests``, on the poison's partition.
 
 Checked: no process exits or restarts and each stops cleanly; each poison record is in its
@@ -70,6 +74,8 @@ READERS = {
     "rec.transitions": [f"learner:{ALGO}"],
     "policy.snapshots": ["recloop-serve-side"],
     "sim.outcomes": [],  # the monitor's: it skips what does not decode, and dead-letters nothing
+    "items": ["recloop-serve-side", f"learner-{ALGO}-catalogue"],
+    "catalogue": ["recloop-serve-side", f"learner-{ALGO}-catalogue"],
 }
 """Each topic's dead-lettering consumers, as their dead letters name them."""
 HOSTILE_STATE_USER = "poison-state-user"
@@ -93,14 +99,8 @@ def _padded(record: events.Record, size: int) -> bytes:
     return out
 
 
-def _features_to(size: int, make: Any, width: int = 1) -> bytes:
-    """``make(rows)`` encoded, with as many ``width``-float feature rows as bring it near
-    ``size``."""
-    row = [0.0] * width
-    rows = (size - len(codec.encode(make([])))) // (len(msgspec.json.encode(row)) + 1)
-    data = codec.encode(make([row] * rows))
-    assert size - 100 < len(data) <= size, len(data)
-    return data
+UNKNOWN_IDS = list(range(10**15, 10**15 + events.MAX_CANDIDATES))
+"""10,000 candidate ids (the contract's most), valid on the wire, none an item of the world."""
 
 
 def poison_for(base: str, template: events.RecRequest) -> list[tuple[str, bytes, bytes]]:
@@ -113,9 +113,8 @@ def poison_for(base: str, template: events.RecRequest) -> list[tuple[str, bytes,
     deep996["zz_unknown"] = "@@"
     deep996_bytes = msgspec.json.encode(deep996).replace(b'"@@"', b"[" * 996 + b"]" * 996)
     now = time.time()
-    big_request = _features_to(899_000, lambda n: msgspec.structs.replace(
-        template, request_id="poison-900k", user_id="poison-user", candidates=[],
-        candidate_features=n))  # fmt: skip
+    big_request = codec.encode(msgspec.structs.replace(
+        template, request_id="poison-10k-ids", user_id="poison-user", candidates=UNKNOWN_IDS))  # fmt: skip
     state = msgspec.structs.replace(
         _example(events.SessionState), user_id=HOSTILE_STATE_USER, session_id="poison-s",
         view=events.UserView(history=[10**15], history_rewards=[1.0]), pending=[],
@@ -123,9 +122,9 @@ def poison_for(base: str, template: events.RecRequest) -> list[tuple[str, bytes,
     )  # fmt: skip
     slate = _example(events.SlateServed)
     slates = [
-        _features_to(406_000, lambda n, i=i: msgspec.structs.replace(
+        codec.encode(msgspec.structs.replace(
             slate, request_id=f"poison-slate-{i}", user_id=SLATES_USER, session_id="poison-s",
-            step=i, ts=now, request_ts=now, candidate_features=n), width=100)
+            step=i, ts=now, request_ts=now, candidates=UNKNOWN_IDS))
         for i in range(3)
     ]  # fmt: skip
     announced = _example(events.PolicyPublished)
@@ -144,13 +143,13 @@ def poison_for(base: str, template: events.RecRequest) -> list[tuple[str, bytes,
         ("random bytes", key, random.Random(base).randbytes(2048)),
         ("truncated JSON", key, valid[: len(valid) // 2]),
         ("NaN", key, nan),
-        ("wrong version", key, valid.replace(b'"v":1', b'"v":99', 1)),
+        ("wrong version", key, valid.replace(b'"v":2', b'"v":99', 1)),
         ("996-deep array in an unknown field", key, deep996_bytes),
         ("5000-deep nesting", key, b"[" * 5000 + b"]" * 5000),
         ("1,000,000-byte value", key, _padded(example, BROKER_VALUE)),
-        ("900 kB RecRequest", key, big_request),
+        ("RecRequest of 10,000 unknown ids", key, big_request),
         ("SessionState history=[10**15]", HOSTILE_STATE_USER.encode(), codec.encode(state)),
-        *[("406 kB slate", SLATES_USER.encode(), s) for s in slates],
+        *[("10,000-candidate slate", SLATES_USER.encode(), s) for s in slates],
         *[(f"forged announcement ({p.path[:12]}, v{p.version})", ALGO.encode(), codec.encode(p))
           for p in forged],
     ]  # fmt: skip
@@ -220,11 +219,9 @@ def test_every_poison_kind_in_every_input_topic_stops_and_steers_nothing(
     commands = {
         "streams": ["streams", "--app-id", f"{settings.topic_prefix}recloop-streams",
                     "--data-dir", str(tmp_path / "streams-data"), "--session-timeout", "86400"],
-        "learn": ["learn", "--algo", ALGO, "--preset", "interest_evolution",
-                  "--snapshot-every", "100", "--snapshot-seconds", "3",
+        "learn": ["learn", "--algo", ALGO, "--snapshot-every", "100", "--snapshot-seconds", "3",
                   "--config", "choice_model=proportional", "--config", "update_every=8"],
-        "serve": ["serve", "--policy", f"{ALGO}=0.5", "--policy", "random=0.5",
-                  "--preset", "interest_evolution"],
+        "serve": ["serve", "--policy", f"{ALGO}=0.5", "--policy", "random=0.5"],
         "sim": ["sim", "--preset", "interest_evolution", "--users", "16", "--rate", "25"],
     }  # fmt: skip
     fleet = Fleet(tmp_path / "logs", child_env(settings, RECLOOP_METRICS_PORT="0"), commands, t0)
@@ -420,7 +417,7 @@ def _expected_readers(base: str, kind: str, value: bytes) -> tuple[list[str], bo
     readers = READERS[base]
     if not _decodes_as_topic_type(value, base) or len(value) > MAX_RECORD_BYTES:
         return readers, True
-    if base == "rec.slates" and kind == "406 kB slate":
+    if base == "rec.slates" and kind == "10,000-candidate slate":
         return ["streams"], False  # one of the three at least: the state has no room
     return [], False  # a hostile state, a forged announcement: refused by policy
 
@@ -455,7 +452,7 @@ def _dead_letter_problems(
         where = (names.name(base), partition, offset)
         readers, required = _expected_readers(base, kind, value)
         got = by_source.get(where, {})
-        if base == "rec.slates" and kind == "406 kB slate":
+        if base == "rec.slates" and kind == "10,000-candidate slate":
             slates_refused += "streams" in got
         for reader in readers:
             letter = got.get(reader)
@@ -473,6 +470,6 @@ def _dead_letter_problems(
                 if len(letter.value or b"") > TRUNCATED_BYTES:
                     problems.append(f"{base} {kind!r}: oversized dead letter not truncated")
     if slates_refused == 0:
-        problems.append("rec.slates: none of the three 406 kB slates was dead-lettered by "
-                        "streams (the session state had room for 1.2 MB)")  # fmt: skip
+        problems.append("rec.slates: none of the three 10,000-candidate slates was "
+                        "dead-lettered by streams (a held slate had room for 10,000 ids)")  # fmt: skip
     return problems

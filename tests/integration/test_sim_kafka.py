@@ -1,7 +1,8 @@
 """``recloop sim`` against the real broker, answered by a small in-test random responder.
 
 tiny_world sessions last exactly ten steps, so U users give exactly 10·U requests, 2·10·U
-impressions, one SessionEnd and one EpisodeOutcome each, plus one Click per clicked slate.
+impressions, one SessionEnd and one EpisodeOutcome each, plus one Click per clicked slate;
+before the first request, the world's catalogue on ``items`` and ``catalogue``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import time
 import uuid
 from collections import defaultdict
 
+import numpy as np
 import pytest
 from confluent_kafka import TopicPartition
 
 from recloop.core import codec
+from recloop.core.catalogue import CatalogueAssembler
 from recloop.core.dlq import HEADER_ERROR, HEADER_TOPIC, parse_headers
 from recloop.core.events import (
+    CatalogueAnnounced,
     Click,
     EpisodeOutcome,
     Feedback,
     Impression,
+    ItemChunk,
     RecRequest,
     SessionEnd,
     SlateServed,
@@ -83,7 +88,6 @@ class RandomResponder(threading.Thread):
                     policy="random",
                     policy_version=3,
                     candidates=req.candidates,
-                    candidate_features=req.candidate_features,
                     observation=req.observation,
                 )
                 producer.produce(topics.slates, codec.encode(served), key=msg.key())
@@ -133,6 +137,19 @@ def test_users_produce_exactly_the_expected_events(kafka_settings) -> None:
 
     requests = read_topic(kafka_settings, topics.requests, USERS * STEPS)
     assert len(requests) == USERS * STEPS
+    # The world's catalogue was complete on items + catalogue before the first request.
+    announced = read_topic(kafka_settings, topics.catalogue, 1)
+    assert len(announced) == 1
+    announcement = codec.decode(announced[0].value(), CatalogueAnnounced)
+    assert announcement.sha256 == service.world.item_catalogue.sha256
+    assert announced[0].timestamp()[1] <= min(m.timestamp()[1] for m in requests)
+    assembler = CatalogueAssembler()
+    for msg in read_topic(kafka_settings, topics.items, 1):
+        assembler.add_chunk(codec.decode(msg.value(), ItemChunk))
+    assembler.announce(announcement)
+    installed = assembler.install()
+    assert installed is not None and installed.version == 1
+    np.testing.assert_array_equal(installed.features_NF, service.world.catalogue.features_NF)
     steps_by_user = defaultdict(list)
     for msg in requests:
         req = codec.decode(msg.value(), RecRequest)
