@@ -369,8 +369,14 @@ class ServeService:
             catalogue = {"version": served.version, "n_items": served.n_items,
                          "feature_dim": served.catalogue.feature_dim,
                          "index": None if served.index is None else served.index.report()}  # fmt: skip
+        indexes = {}
+        for name in self.host.names:
+            active = self.host.current(name)
+            if active is not None and active.index is not None:
+                indexes[name] = active.index.report()
         return {
             "catalogue": catalogue,
+            "learned_indexes": indexes,
             "catalogue_swaps": self.catalogues.swaps,
             "catalogue_chunks_refused": self.follower.refused,
             "requests": self.stats.requests,

@@ -72,6 +72,19 @@ def test_no_candidate_list_retrieves_and_ranks_the_catalogues_features():
     assert slate.items == exact_M[:3].tolist() and server.stats["retrieved"] == 1
 
 
+def test_a_snapshots_learned_embeddings_win_over_the_catalogues_features():
+    features_NF, learned_ND = _unit_rows(300, 4, seed=9), _unit_rows(300, 4, seed=10)
+    host, policy = PolicyHost(["learned"]), FeaturePolicy()
+    host.swap("learned", 1, policy, index=CatalogueIndex(learned_ND, kind="flat"))
+    server = SlateServer(ServeConfig(TrafficSplit.parse(["learned"]), retrieve_m=15), host,
+                         catalogue=ItemCatalogue(features_NF))  # fmt: skip
+    obs_D = np.array([1.0, 0.5, -0.5, 0.0], np.float32)
+    (slate,) = server.serve_batch([_request(0, obs_D)])
+    assert slate.candidates == np.argsort(-(learned_ND @ obs_D), kind="stable")[:15].tolist()
+    ids_M, seen_MF = policy.seen[0]
+    np.testing.assert_array_equal(seen_MF, features_NF[ids_M])  # still the catalogue's rows
+
+
 def test_a_query_that_fits_no_index_ranks_the_whole_catalogue_on_its_features():
     features_NF = _unit_rows(50, 4, seed=2)
     server, policy = _server(ItemCatalogue(features_NF))
