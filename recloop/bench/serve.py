@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,8 @@ class BenchConfig:
     """Requests timed for the compute-only and raw-faiss figures."""
     ready_timeout_s: float = 1800.0
     """Longest wait for the service's first answer (publication, assembly, index build)."""
+    sweep: tuple[float, ...] = ()
+    """Further request rates, one phase of ``duration_s`` each after the measured ones."""
 
 
 class DotPolicy:
@@ -352,9 +355,16 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
     return figures
 
 
-def run_sizes(bench: BenchConfig, sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
-    """``run_bench`` for every catalogue size; the CLI prints the result as one JSON line."""
-    return {"bench": "serve", "sizes": [run_bench(replace(bench, n_items=n)) for n in sizes]}
+def run_sizes(bench: BenchConfig, sizes: tuple[int, ...] = SIZES,
+              on_size: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """``run_bench`` for every catalogue size (``on_size`` sees each as it ends); the CLI
+    prints the result as one JSON line."""
+    figures = []
+    for n in sizes:
+        figures.append(run_bench(replace(bench, n_items=n)))
+        if on_size is not None:
+            on_size(figures[-1])
+    return {"bench": "serve", "sizes": figures}
 
 
 def _phase(bench: BenchConfig, settings: Settings, producer, receiver: _Receiver, obs_UD,
@@ -402,11 +412,15 @@ def _measure(bench: BenchConfig, settings: Settings, settings_kwargs: dict) -> d
     receiver = _Receiver(settings)
     producer = make_producer(settings, {"linger.ms": 0})
     phases: list[dict[str, Any]] = []
+    sweep: list[dict[str, Any]] = []
     try:
         ready_s = _warm_up(bench, settings, producer, receiver, obs_UD)
         served = local.get()  # built by now or soon: not while a phase is measured
         for run in range(bench.runs):
             phases.append(_phase(bench, settings, producer, receiver, obs_UD, run))
+        sweep += [{"rate_rps": rate, **_phase(replace(bench, rate=rate), settings, producer,
+                                             receiver, obs_UD, bench.runs + i)}
+                 for i, rate in enumerate(bench.sweep)]  # fmt: skip
     finally:
         receiver.close()
         service_stats = _stop_service(server)
@@ -433,6 +447,8 @@ def _measure(bench: BenchConfig, settings: Settings, settings_kwargs: dict) -> d
         "e2e_p50_ms": _median(phases, "e2e_p50_ms"),
         "e2e_p99_ms": _median(phases, "e2e_p99_ms"),
         "e2e_p99_ms_runs": [p["e2e_p99_ms"] for p in phases],
+        "sweep": [{k: p[k] for k in ("rate_rps", "answered", "requests", "e2e_p50_ms",
+                                     "e2e_p99_ms")} for p in sweep],  # fmt: skip
         "compute_p50_ms": timed["compute"][0],
         "compute_p99_ms": timed["compute"][1],
         "encode_p50_ms": timed["encode"][0],

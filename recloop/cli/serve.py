@@ -118,6 +118,10 @@ def bench_serve(
         list[int] | None,
         typer.Option("--items", min=100, help="Catalogue size, repeatable. Default: 100k and 1M."),
     ] = None,
+    sweep: Annotated[
+        list[float] | None,
+        typer.Option("--sweep", min=1.0, help="A further request rate, one phase each; repeatable."),
+    ] = None,
     dim: int = typer.Option(32, min=2, help="Feature dimension of the catalogue."),
     slate_size: int = typer.Option(5, min=1, help="Items per slate."),
     retrieve: int = typer.Option(100, min=1, help="Candidates retrieved by faiss per request."),
@@ -135,10 +139,10 @@ def bench_serve(
 
     config = BenchConfig(
         rate=rate, duration_s=duration, runs=runs, dim=dim, k=slate_size, m=retrieve,
-        bootstrap=bootstrap, index_kind=index,
+        bootstrap=bootstrap, index_kind=index, sweep=tuple(sweep or ()),
     )  # fmt: skip
-    figures = run_sizes(config, tuple(items or SIZES))
-    for size in figures["sizes"]:
+
+    def summary(size: dict) -> None:
         recall = size[f"recall_at_{retrieve}"]
         typer.echo(
             f"{size['n_items']:>9,} items ({size['index']['kind']}): e2e p50 "
@@ -147,4 +151,6 @@ def bench_serve(
             f"recall@{retrieve} {recall}; slate {size['slate_bytes_mean']:.0f} B",
             err=True,
         )
+
+    figures = run_sizes(config, tuple(items or SIZES), on_size=summary)
     print(json.dumps(figures, sort_keys=True))
