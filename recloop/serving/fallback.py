@@ -88,6 +88,10 @@ class PopularityCounts:
             np.add.at(self._counts, items_I, 1)
             self.total += int(items_I.size)
 
+    def follow_catalogue(self, n_items: int) -> None:
+        """Count ids ``0 .. n_items - 1`` from now on (the catalogue serving answers from)."""
+        self.n_items = self.limit = n_items
+
     def get(self, ids_N: np.ndarray) -> np.ndarray:
         """Counts of ``ids_N`` (0 for ids never seen)."""
         counts = self._counts  # one read: a concurrent grow replaces, never mutates, the array

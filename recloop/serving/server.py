@@ -165,6 +165,7 @@ class SlateServer:
         if isinstance(catalogue, ItemCatalogue):
             catalogue = index_catalogue(catalogue, recall_m=self.config.retrieve_m)
         self.served = catalogue
+        self.cache.follow_catalogue(catalogue.n_items)
 
     @property
     def catalogue(self) -> ItemCatalogue | None:

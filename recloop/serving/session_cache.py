@@ -7,7 +7,8 @@ popularity counts with the positives that are new since the previous state.
 
 Anyone who can write to the topic can write a state, and the topic is compacted, so a
 hostile state comes back after every restart. A state whose view names an item outside the
-catalogue (``[0, n_items)``; ``[0, 2**63)`` when its size is unknown) in its history is
+catalogue (``[0, n_items)``, the size of the catalogue serving now; ``[0, 2**63)`` before
+the first) in its history is
 refused: the user's previous state is kept, the refusal counted in ``refused`` with its
 reason in ``last_refusal``, and no id of it reaches a policy or the counts. (A policy
 indexes its embeddings by these ids; the popularity counts never size an array by one.)
@@ -63,6 +64,13 @@ class SessionCache:
             f"SessionState of user {state.user_id[:64]!r}: history item {str(bad)[:32]} is "
             f"outside the catalogue [0, {self.n_items or '2**63'})"
         )
+
+    def follow_catalogue(self, n_items: int) -> None:
+        """The catalogue serving answers from now has ``n_items`` items: later states are
+        checked against it, and the counts count up to it."""
+        self.n_items = n_items
+        if self.popularity is not None:
+            self.popularity.follow_catalogue(n_items)
 
     def view(self, user_id: str, session_id: str) -> UserView | None:
         """The user's view in this session, or ``None`` if none is known for it yet.

@@ -217,3 +217,14 @@ def test_a_snapshot_whose_manifest_records_no_spec_is_refused_with_the_reason():
     load = learner_loader()
     with pytest.raises(NoRecordedSpec, match="records no spec"):
         load("slateq", {}, {"policy": "slateq", "version": 3})
+
+
+def test_session_states_are_checked_against_the_catalogue_serving():
+    from recloop.core.events import SessionState, UserView
+
+    server, _ = _server(ItemCatalogue(_unit_rows(30, 4, seed=11)))
+    state = SessionState(user_id="u", session_id="s", view=UserView(history=[3, 40]))
+    assert "outside the catalogue [0, 30)" in (server.cache.update(state) or "")
+    server.set_catalogue(ItemCatalogue(_unit_rows(50, 4, seed=12), version=2))
+    assert server.cache.update(state) is None  # item 40 exists in v2
+    assert server.cache.popularity is not None and server.cache.popularity.limit == 50
