@@ -1,19 +1,26 @@
 """What the two DDPG-style actor-critics (``algorithms.drr``, ``algorithms.wolpertinger``)
 share: the config fields of an actor, a critic and their target networks, the per-item
-critic rewards of a slate, and the remembered item features their catalogue search uses.
+critic rewards of a slate, and the item feature table their catalogue search uses.
 
 Both learn Q(s, e_a) for every *shown* item a of a slate (the consumed one earns the click's
-reward, the skipped ones 0, all bootstrapping from the same s'), and both score the whole
-catalogue from the features of items they have seen as candidates, since a request without
-candidates carries no features.
+reward, the skipped ones 0, all bootstrapping from the same s'), and both search the whole
+catalogue (and DRR embeds the history) through ``features_IF``, one row per item id: the
+catalogue's rows (``ReplayAgent.set_catalogue`` fills it, ``fill_features``), so the items
+they search are featured exactly as their training batches (``learner.batch.to_batch``) and
+serving's ``Candidates`` are. Before issue 13 the table held only the features of items seen
+as candidates, and stayed zero in a world without candidate lists: the whole-catalogue search
+then ranked on zeros while serving ranked on real features. The table is saved with each
+snapshot (``item_features``), so a loaded policy holds the catalogue it was trained with.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.learner.batch import TransitionBatch
 from recloop.learner.replay import ReplayConfig
 
@@ -50,11 +57,13 @@ def slate_rewards(batch: TransitionBatch) -> torch.Tensor:
     return torch.where(hit_BK, batch.reward_B.unsqueeze(1), torch.zeros(()))
 
 
-def remember_features(features_IF: torch.Tensor, ids_BN: torch.Tensor,
-                      feats_BNF: torch.Tensor) -> None:
-    """Write the features of the real items in ``ids_BN`` (-1 is padding) into the
-    catalogue table ``features_IF``, in place (a world without features has nothing to
-    remember)."""
-    if features_IF.shape[1] and ids_BN.numel():
-        real = ids_BN >= 0
-        features_IF[ids_BN[real]] = feats_BNF[real]
+def fill_features(features_IF: torch.Tensor, catalogue: ItemCatalogue | None) -> bool:
+    """Write ``catalogue``'s rows of items ``0 .. I - 1`` into ``features_IF``, in place
+    (policies share the tensor; zeros for items it does not hold yet). Returns whether the
+    table now holds real features: True with a catalogue, or in a world without features."""
+    if catalogue is None:
+        return features_IF.shape[1] == 0
+    if features_IF.shape[1]:
+        ids_I = np.arange(features_IF.shape[0], dtype=np.int64)
+        features_IF.copy_(torch.from_numpy(catalogue.features(ids_I)))
+    return True

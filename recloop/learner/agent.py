@@ -65,12 +65,8 @@ class ReplayAgent:
         """Learn (and let the policy rank) with ``catalogue``'s item features from now on.
         Its width must be the spec's F; its size may differ from ``spec.n_items`` (ids past
         the spec are refused before learning, ids it does not hold yet get zero rows)."""
-        if catalogue is not None and catalogue.feature_dim != self.spec.item_feature_dim:
-            raise ValueError(f"{self.name}: catalogue v{catalogue.version} has "
-                             f"{catalogue.feature_dim} item features, the spec "
-                             f"{self.spec.item_feature_dim}")
+        self._policy.set_catalogue(catalogue)  # checks the width first
         self.catalogue = catalogue
-        self._policy.set_catalogue(catalogue)
 
     @property
     def name(self) -> str:

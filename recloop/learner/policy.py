@@ -99,7 +99,12 @@ class SeededPolicy:
                      propensities=prop_K)
 
     def set_catalogue(self, catalogue: ItemCatalogue | None) -> None:
-        """Rank requests without candidates with ``catalogue``'s features from now on."""
+        """Rank requests without candidates with ``catalogue``'s features from now on (its
+        width must be the spec's F)."""
+        if catalogue is not None and catalogue.feature_dim != self.spec.item_feature_dim:
+            raise ValueError(f"{self.name}: catalogue v{catalogue.version} has "
+                             f"{catalogue.feature_dim} item features, the spec "
+                             f"{self.spec.item_feature_dim}")
         self.catalogue = catalogue
 
     def item_features(self, ids: np.ndarray) -> np.ndarray:

@@ -33,6 +33,12 @@ Deviations, each deliberate:
   skipped, all bootstrapping from the same s' (as in ``wolpertinger``: impressions are
   natural negatives and no-click steps still teach). A transition's priority is the mean |δ|
   of its shown items.
+- **Item features come from the catalogue** (``ItemCatalogue``, issue 13): every batch's
+  rows and the table ``features_IF`` that embeds histories and the whole catalogue are the
+  catalogue's, the rows serving puts in its ``Candidates``. Before, the table held only
+  features of items once seen as candidates, so with no candidate list (a whole catalogue)
+  it stayed zero and the feature weights of the item tower never moved. Item identity comes
+  from the tower's id embedding, which a whole catalogue needs most.
 - **u** is a linear map of the user's observation (simulated users are new every session,
   so a per-id embedding would never be trained twice); item vectors are learned (id
   embedding + linear map of observable features) rather than pre-trained PMF factors.
@@ -53,13 +59,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import Transition
 from recloop.core.ports import Candidates
 from recloop.core.spec import WorldSpec
 from recloop.learner import checkpoint, nets
-from recloop.learner.actor_critic import ActorCriticConfig, remember_features, slate_rewards
+from recloop.learner.actor_critic import ActorCriticConfig, fill_features, slate_rewards
 from recloop.learner.agent import ReplayAgent
-from recloop.learner.batch import RequestBatch, StateBatch, TransitionBatch, to_batch
+from recloop.learner.batch import RequestBatch, StateBatch, TransitionBatch
 from recloop.learner.contract import Metrics
 from recloop.learner.maths import soft_update, td_target
 from recloop.learner.policy import Ranking, SeededPolicy
@@ -192,11 +199,24 @@ class DRRPolicy(SeededPolicy):
     """Top K of e_i · π(s), ε-greedy while ``explore`` is on."""
 
     def __init__(self, net: DRRNet, features_IF: torch.Tensor, config: Config, spec: WorldSpec,
-                 seed: int, version: int = 0) -> None:
+                 seed: int, version: int = 0, features_known: bool = False) -> None:
         super().__init__("drr", version, seed, stream=EXPLORATION_STREAM)
         self.net, self.features_IF, self.config, self.spec = net, features_IF, config, spec
         self.epsilon = config.epsilon
         self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        # Whether features_IF holds a catalogue (a snapshot's, or one set here).
+        self.features_known = features_known or spec.item_feature_dim == 0
+
+    def set_catalogue(self, catalogue: ItemCatalogue | None) -> None:
+        """Also refill the shared item table from ``catalogue`` (``actor_critic``)."""
+        super().set_catalogue(catalogue)
+        self.features_known = fill_features(self.features_IF, catalogue) or self.features_known
+
+    def item_features(self, ids: np.ndarray) -> np.ndarray:
+        """The rows of the item table, which a request without candidates is ranked with."""
+        if not self.features_known:
+            return super().item_features(ids)  # refuses: no catalogue
+        return self.features_IF[torch.as_tensor(np.asarray(ids, np.int64))].numpy()
 
     def _catalogue(self) -> torch.Tensor:
         """Every item's vector, recomputed only when the item tower or the remembered
@@ -215,6 +235,7 @@ class DRRPolicy(SeededPolicy):
     def _score(self, req: RequestBatch, candidates: Candidates, k: int) -> Ranking:
         a_D = self.net.act(self.net.rep(req.state, self.features_IF))[0]
         if len(candidates) == 0:  # the whole catalogue
+            self.item_features(np.zeros(0, np.int64))  # refuses a table without features
             ids_N, e_ND = np.arange(self.spec.n_items, dtype=np.int64), self._catalogue()
         else:
             ids_N = candidates.ids.astype(np.int64)
@@ -234,6 +255,7 @@ class DRRAgent(ReplayAgent):
     """DDPG with target networks and proportional prioritised replay."""
 
     replay: PrioritisedReplay
+    _policy: DRRPolicy
 
     def __init__(self, config: Config, spec: WorldSpec, seed: int) -> None:
         super().__init__(config, spec, seed)
@@ -261,16 +283,11 @@ class DRRAgent(ReplayAgent):
                 weights_B: torch.Tensor) -> tuple[DRRMetrics, torch.Tensor]:
         """One DDPG step with importance weights; returns (metrics, |δ| per transition)."""
         cfg = self.config
-        remember_features(self.features_IF, batch.candidates_BN, batch.cand_features_BNF)
-        remember_features(self.features_IF, batch.next_candidates_BN,
-                          batch.next_cand_features_BNF)
         shown_BK = batch.slate_mask_BK.float()
         y_BK = td_target(slate_rewards(batch), self.target_value(batch).unsqueeze(1),
                          batch.done_B.unsqueeze(1), cfg.gamma)
         s_BS = self.net.rep(batch.state, self.features_IF)
-        known_BK1 = (batch.slate_cand_idx_BK >= 0).unsqueeze(-1)
-        e_BKD = self.net.rep.embed(batch.slate_BK, torch.where(
-            known_BK1, batch.slate_features_BKF, self.features_IF[batch.slate_BK.clamp(min=0)]))
+        e_BKD = self.net.rep.embed(batch.slate_BK, batch.slate_features_BKF)
         q_BK = self.net.critic(s_BS, e_BKD)
         td_BK = (q_BK - y_BK) * shown_BK
         n_shown = shown_BK.sum().clamp(min=1)
@@ -302,7 +319,7 @@ class DRRAgent(ReplayAgent):
                    ) -> DRRMetrics:
         """One weighted update on a prioritised sample, then its slots' new priorities."""
         items, slots, weights = sample
-        metrics, td_abs_B = self._update(to_batch(items, self.spec), torch.from_numpy(weights))
+        metrics, td_abs_B = self._update(self._batch(items), torch.from_numpy(weights))
         self.replay.update_priorities(slots, td_abs_B.numpy())
         return metrics
 
@@ -315,7 +332,10 @@ class DRRAgent(ReplayAgent):
         return {"item_features": self.features_IF.numpy().copy()}
 
     def _load_extra(self, tensors: dict[str, np.ndarray]) -> None:
-        self.features_IF.copy_(torch.from_numpy(np.array(tensors["item_features"])))
+        """The saved item table, unless the agent holds a catalogue (which is newer)."""
+        if self.catalogue is None:
+            self.features_IF.copy_(torch.from_numpy(np.array(tensors["item_features"])))
+            self._policy.features_known = True
 
 
 AGENT = DRRAgent
@@ -327,5 +347,6 @@ def load_policy(tensors: dict[str, np.ndarray], manifest: dict, spec: WorldSpec)
     net = DRRNet(config, spec)
     nets.module_from_arrays("net", net, tensors)
     features_IF = torch.from_numpy(np.array(tensors["item_features"], np.float32))
-    policy = DRRPolicy(net, features_IF, config, spec, 0, version=int(manifest.get("version", 0)))
+    policy = DRRPolicy(net, features_IF, config, spec, 0, version=int(manifest.get("version", 0)),
+                       features_known=True)
     return checkpoint.resume_policy_rng(policy, tensors)

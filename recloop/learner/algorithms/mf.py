@@ -18,7 +18,13 @@ Deviations, both deliberate:
   pairwise conditional logit; it gives no-click slates something to teach (``null_pairs``).
 
 The item factor q_i is an id embedding plus a linear map of the item's features, so the same
-code serves id-only and feature-only worlds; ``item_embeddings`` exposes the id part.
+code serves id-only and feature-only worlds; ``item_embeddings`` exposes the id part. The id
+embedding is what gives items their identity over a whole catalogue (no candidate list).
+
+Item features (issue 13) are the catalogue's rows (``ItemCatalogue``, through
+``learner.batch.to_batch`` and the policy's ``item_features``), the same rows serving ranks
+with. Before, a slate item's features came from the request's candidate list, so with none
+they were zeros: the feature map got no data gradient and moved only by weight decay.
 """
 
 from __future__ import annotations

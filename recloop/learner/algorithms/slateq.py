@@ -36,6 +36,19 @@ Choice model (``choice_model``):
 
 Slate selection (``selector``): "topk" by v·Q̄ (the paper's TS), "greedy", or "exact" (LP), all
 in ``learner.maths``. Serving explores ε-uniformly with honest propensities.
+
+Items over a whole catalogue (issue 13). Q̄ and v read an item only through its features and,
+optionally, a learned id embedding; the paper's items are given feature vectors. Two changes
+make that hold where a request names no candidates (``spec.num_candidates == 0``):
+- the features are the catalogue's rows (``ItemCatalogue`` via ``learner.batch.to_batch``
+  and the policy's ``item_features``), the same rows serving ranks with. Before, a slate
+  item's features were looked up among the request's candidates, so with none every item
+  trained and ranked on zeros: the feature weights never moved, and with ``item_id_dim`` 0
+  every item had the same value;
+- item identity: ``item_id_dim`` defaults to an id embedding of ``AUTO_ID_DIM`` when the world
+  names no candidates (an item's own value beyond what its features say, learned from its
+  clicks), none otherwise, and the logit choice model then gets a per-item bias as well. A
+  world with neither features nor ids is refused: its items would be indistinguishable.
 """
 
 from __future__ import annotations
@@ -68,6 +81,8 @@ from recloop.learner.spec import config_from_dict
 
 EXPLORATION_STREAM = 7
 """The serving policy's random stream for SARSA-TS (``learner.policy`` lists them all)."""
+AUTO_ID_DIM = 16
+"""The id embedding ``item_id_dim=None`` gives a world without candidate lists."""
 MYOPIC_EXPLORATION_STREAM = 19
 """MYOP-TS's own stream: the two variants are the paper's A/B pair, and arms built with the
 same seed must not share exploration draws."""
@@ -77,8 +92,9 @@ same seed must not share exploration draws."""
 class Config(ReplayConfig):
     hidden: tuple[int, ...] = (64, 64)
     """Hidden layers of the item-wise Q̄ network over [obs ; item features]."""
-    item_id_dim: int = 0
-    """Also feed a learned id embedding of this size (0: features only)."""
+    item_id_dim: int | None = None
+    """Also feed a learned id embedding of this size (0: features only; None: ``AUTO_ID_DIM``
+    where the world names no candidates, else 0; see the module doc)."""
     lr: float = 1e-3
     """Adam learning rate (Q̄ and the choice model)."""
     gamma: float = 0.99
@@ -120,14 +136,25 @@ class SlateQMetrics(Metrics):
     """Updates so far, this one included."""
 
 
+def item_id_dim(config: Config, spec: WorldSpec) -> int:
+    """The id embedding's size: ``config.item_id_dim``, or its automatic value (module doc)."""
+    if config.item_id_dim is not None:
+        return config.item_id_dim
+    return AUTO_ID_DIM if spec.num_candidates == 0 else 0
+
+
 class ItemwiseQ(nn.Module):
     """Q̄(s, i) = MLP([user obs ; item features ; optional item id embedding]), and the null
     item's Q̄(s, ⊥) = MLP(user obs) (zero when ``null_value`` is off)."""
 
     def __init__(self, config: Config, spec: WorldSpec) -> None:
         super().__init__()
-        self.ids = nets.ItemEmbedding(spec.n_items, config.item_id_dim) if config.item_id_dim else None
-        in_dim = spec.user_obs_dim + spec.item_feature_dim + config.item_id_dim
+        id_dim = item_id_dim(config, spec)
+        if id_dim == 0 and spec.item_feature_dim == 0:
+            raise ValueError("SlateQ needs item features or an item id embedding "
+                             "(item_id_dim > 0): without either every item has one value")
+        self.ids = nets.ItemEmbedding(spec.n_items, id_dim) if id_dim else None
+        in_dim = spec.user_obs_dim + spec.item_feature_dim + id_dim
         self.net = nets.mlp(max(in_dim, 1), config.hidden, 1)
         self.null = nets.mlp(max(spec.user_obs_dim, 1), config.hidden, 1) if config.null_value else None
 
@@ -150,7 +177,9 @@ class ItemwiseQ(nn.Module):
 
 
 class ChoiceModel(nn.Module):
-    """v(s, i) and v(s, ⊥): learned conditional logit or the known proportional model."""
+    """v(s, i) and v(s, ⊥): learned conditional logit or the known proportional model. The
+    logit is ``obs · W · features + bias(features)``, plus a learned per-item bias where the
+    agent has an id embedding (module doc)."""
 
     def __init__(self, config: Config, spec: WorldSpec) -> None:
         super().__init__()
@@ -163,23 +192,29 @@ class ChoiceModel(nn.Module):
         U, Fd = spec.user_obs_dim, spec.item_feature_dim
         self.bilinear = nn.Parameter(torch.zeros(U, Fd))
         self.item_bias = nets.mlp(max(Fd, 1), (16,), 1)
+        self.id_bias = (nets.ItemEmbedding(spec.n_items, 1, init_std=0.0)
+                        if item_id_dim(config, spec) and self.kind == "logit" else None)
         self.null_logit = nn.Parameter(torch.zeros(()))
 
-    def forward(self, user_obs_BU, feats_BNF) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, user_obs_BU, ids_BN, feats_BNF) -> tuple[torch.Tensor, torch.Tensor]:
         B = user_obs_BU.shape[0]
         if self.kind == "proportional":
             affinity_BN = (feats_BNF * user_obs_BU.unsqueeze(1)).sum(-1)
             return (affinity_BN - self.m).clamp(min=0.0), torch.full((B,), self.mass - self.m)
-        return torch.exp(self.logits(user_obs_BU, feats_BNF)), torch.exp(self.null_logit).expand(B)
+        return (torch.exp(self.logits(user_obs_BU, ids_BN, feats_BNF)),
+                torch.exp(self.null_logit).expand(B))
 
-    def logits(self, user_obs_BU, feats_BNF) -> torch.Tensor:
+    def logits(self, user_obs_BU, ids_BN, feats_BNF) -> torch.Tensor:
         x_BNF = feats_BNF if feats_BNF.shape[-1] else torch.ones(*feats_BNF.shape[:2], 1)
         inter_BN = torch.einsum("bu,uf,bnf->bn", user_obs_BU, self.bilinear, feats_BNF)
-        return inter_BN + self.item_bias(x_BNF).squeeze(-1)
+        logits_BN = inter_BN + self.item_bias(x_BNF).squeeze(-1)
+        if self.id_bias is not None:
+            logits_BN = logits_BN + self.id_bias(ids_BN).squeeze(-1)
+        return logits_BN
 
     def nll(self, batch: TransitionBatch) -> torch.Tensor:
         """-log P(outcome | s, A) for the slate outcome (click position, or K for none)."""
-        logits_BK = self.logits(batch.user_obs_BU, batch.slate_features_BKF)
+        logits_BK = self.logits(batch.user_obs_BU, batch.slate_BK, batch.slate_features_BKF)
         logits_BK = logits_BK.masked_fill(~batch.slate_mask_BK, -1e9)
         null_B1 = self.null_logit.expand(logits_BK.shape[0], 1)
         target_B = torch.where(batch.chosen_B >= 0, batch.chosen_B,
@@ -203,7 +238,7 @@ class SlateQPolicy(SeededPolicy):
         # Items are ranked on their advantage over no click (see the module doc).
         q_N = (self.q(obs_1U, req.candidates_BN, req.cand_features_BNF)[0]
                - self.q.null_value(obs_1U)[0]).double().numpy()
-        v_1N, v_null_1 = self.choice(obs_1U, req.cand_features_BNF)
+        v_1N, v_null_1 = self.choice(obs_1U, req.candidates_BN, req.cand_features_BNF)
         v_N, v_null = v_1N[0].double().numpy(), float(v_null_1[0])
         if self.config.selector == "topk":
             top_K = select_slate_topk(v_N, q_N, k)
@@ -241,7 +276,8 @@ class SlateQAgent(ReplayAgent):
         with torch.no_grad():
             nobs_BU = batch.next_user_obs_BU
             q_next_BK = self.q_target(nobs_BU, batch.next_slate_BK, batch.next_slate_features_BKF)
-            v_BK, v_null_B = self.choice(nobs_BU, batch.next_slate_features_BKF)
+            v_BK, v_null_B = self.choice(nobs_BU, batch.next_slate_BK,
+                                         batch.next_slate_features_BKF)
             mask_BK = batch.next_slate_item_mask_BK
             v_next_B = slate_value(v_BK, q_next_BK, v_null_B, mask_BK)
             if self.config.null_value:  # + P(⊥|s',A') Q̄'(s',⊥)

@@ -30,8 +30,12 @@ Choices and deviations (each deliberate):
   back to the current ones where unknown (terminal rows, which do not bootstrap anyway).
   Without candidates it searches the whole catalogue.
 - **Item vectors** are learned (id embedding + linear map of observable features), trained by
-  the critic loss; the paper assumes given embeddings. Features of items seen as candidates
-  are remembered so whole-catalogue search can use them.
+  the critic loss; the paper assumes given embeddings. The features are the catalogue's
+  (``ItemCatalogue``, issue 13) in every batch and in the table ``features_IF`` the
+  whole-catalogue search embeds, the rows serving puts in its ``Candidates``. Before, the
+  table held only features of items once seen as candidates, so with no candidate list it
+  stayed zero: the search ranked on zeros and the feature map never moved. The id embedding
+  gives every item its identity where the request names no candidates.
 - **Exploration at serving** is ε-uniform over whole slates (``maths.epsilon_slate``), not
   Gaussian noise on â, because its inclusion probabilities are known exactly: the logged
   propensity is (1-ε)·1[a ∈ greedy slate] + ε·K/N; with ``explore`` off it is 1.
@@ -49,10 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.ports import Candidates
 from recloop.core.spec import WorldSpec
 from recloop.learner import checkpoint, nets
-from recloop.learner.actor_critic import ActorCriticConfig, remember_features, slate_rewards
+from recloop.learner.actor_critic import ActorCriticConfig, fill_features, slate_rewards
 from recloop.learner.agent import ReplayAgent
 from recloop.learner.batch import RequestBatch, StateBatch, TransitionBatch
 from recloop.learner.contract import Metrics
@@ -176,11 +181,25 @@ class WolpertingerPolicy(SeededPolicy):
     re-rank → top K, with ε-uniform exploration while ``explore`` is on."""
 
     def __init__(self, net: WolpertingerNet, features_IF: torch.Tensor, config: Config,
-                 spec: WorldSpec, seed: int, version: int = 0) -> None:
+                 spec: WorldSpec, seed: int, version: int = 0,
+                 features_known: bool = False) -> None:
         super().__init__("wolpertinger", version, seed, stream=EXPLORATION_STREAM)
         self.net, self.features_IF, self.config, self.spec = net, features_IF, config, spec
         self.epsilon = config.epsilon
         self._index: tuple[tuple[int, ...], faiss.Index] | None = None
+        # Whether features_IF holds a catalogue (a snapshot's, or one set here).
+        self.features_known = features_known or spec.item_feature_dim == 0
+
+    def set_catalogue(self, catalogue: ItemCatalogue | None) -> None:
+        """Also refill the shared item table from ``catalogue`` (``actor_critic``)."""
+        super().set_catalogue(catalogue)
+        self.features_known = fill_features(self.features_IF, catalogue) or self.features_known
+
+    def item_features(self, ids: np.ndarray) -> np.ndarray:
+        """The rows of the item table, which a request without candidates is ranked with."""
+        if not self.features_known:
+            return super().item_features(ids)  # refuses: no catalogue
+        return self.features_IF[torch.as_tensor(np.asarray(ids, np.int64))].numpy()
 
     def _catalogue_index(self) -> faiss.Index:
         """A flat faiss index over every item, rebuilt only when the item vectors changed
@@ -201,6 +220,7 @@ class WolpertingerPolicy(SeededPolicy):
     def _score(self, req: RequestBatch, candidates: Candidates, k: int) -> Ranking:
         proto_1D = self.net.proto(req.state)
         if len(candidates) == 0:  # the whole catalogue, searched with faiss
+            self.item_features(np.zeros(0, np.int64))  # refuses a table without features
             ids_N, feats_NF = torch.arange(self.spec.n_items), self.features_IF
             k_nn = min(max(self.config.knn_k, k), len(ids_N))
             found = self._catalogue_index().search(proto_1D.numpy(), k_nn)[1][0]
@@ -230,6 +250,8 @@ class WolpertingerPolicy(SeededPolicy):
 
 class WolpertingerAgent(ReplayAgent):
     """DDPG on the full Wolpertinger policy, from a uniform replay of transitions."""
+
+    _policy: WolpertingerPolicy
 
     def __init__(self, config: Config, spec: WorldSpec, seed: int) -> None:
         if config.metric not in ("ip", "l2"):
@@ -282,16 +304,10 @@ class WolpertingerAgent(ReplayAgent):
 
     def update(self, batch: TransitionBatch) -> WolpertingerMetrics:
         cfg = self.config
-        remember_features(self.features_IF, batch.candidates_BN, batch.cand_features_BNF)
-        remember_features(self.features_IF, batch.next_candidates_BN,
-                          batch.next_cand_features_BNF)
         shown_BK = batch.slate_mask_BK.float()
         y_BK = td_target(slate_rewards(batch), self.target_value(batch).unsqueeze(1),
                          batch.done_B.unsqueeze(1), cfg.gamma)
-        known_BK1 = (batch.slate_cand_idx_BK >= 0).unsqueeze(-1)
-        slate_feats_BKF = torch.where(known_BK1, batch.slate_features_BKF,
-                                      self.features_IF[batch.slate_BK.clamp(min=0)])
-        e_BKD = self.net.embed(batch.slate_BK, slate_feats_BKF)
+        e_BKD = self.net.embed(batch.slate_BK, batch.slate_features_BKF)
         q_BK = self.net.q(batch.state)(e_BKD)
         critic_loss = (((q_BK - y_BK) ** 2) * shown_BK).sum() / shown_BK.sum().clamp(min=1)
         self.critic_opt.zero_grad()
@@ -333,7 +349,10 @@ class WolpertingerAgent(ReplayAgent):
         return {"item_features": self.features_IF.numpy().copy()}
 
     def _load_extra(self, tensors: dict[str, np.ndarray]) -> None:
-        self.features_IF.copy_(torch.from_numpy(np.array(tensors["item_features"])))
+        """The saved item table, unless the agent holds a catalogue (which is newer)."""
+        if self.catalogue is None:
+            self.features_IF.copy_(torch.from_numpy(np.array(tensors["item_features"])))
+            self._policy.features_known = True
 
 
 AGENT = WolpertingerAgent
@@ -347,5 +366,5 @@ def load_policy(tensors: dict[str, np.ndarray], manifest: dict,
     nets.module_from_arrays("net", net, tensors)
     features_IF = torch.from_numpy(np.array(tensors["item_features"], np.float32))
     policy = WolpertingerPolicy(net, features_IF, config, spec, 0,
-                                version=int(manifest.get("version", 0)))
+                                version=int(manifest.get("version", 0)), features_known=True)
     return checkpoint.resume_policy_rng(policy, tensors)
