@@ -1,15 +1,19 @@
 """Synthetic ``recloop.core.events.Transition`` records for learner unit tests.
 
-Sessions of a few steps: random observations, candidates with features, a slate of K distinct
-candidates with propensities, clicks drawn from a fixed rule (the user clicks the slate item
-whose features align best with its observation, if positive), ``next_slate`` filled from the
-following step and ``done`` on the last one, exactly as the streams fold emits them.
+Sessions of a few steps: random observations, candidates (ids only, as on the wire since
+schema v2), a slate of K distinct candidates with propensities, clicks drawn from a fixed rule
+(the user clicks the slate item whose catalogue features align best with its observation, if
+positive), ``next_slate`` filled from the following step and ``done`` on the last one, exactly
+as the streams fold emits them. The clicks follow ``make_catalogue(spec)`` (one catalogue
+per spec, whatever the transitions' seed, as one world has one catalogue) unless a test
+passes its own: an agent learns from them with ``make_agent(..., catalogue=make_catalogue())``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import Transition, UserView
 from recloop.core.ports import Candidates, Observation
 from recloop.core.spec import WorldSpec
@@ -18,10 +22,18 @@ SPEC = WorldSpec(n_items=30, user_obs_dim=4, item_feature_dim=4, slate_size=3,
                  num_candidates=6, history_len=5)
 
 
-def make_transitions(spec: WorldSpec = SPEC, n: int = 64, seed: int = 0,
-                     steps_per_session: int = 4) -> list[Transition]:
+def make_catalogue(spec: WorldSpec = SPEC, seed: int = 0) -> ItemCatalogue:
+    """The world's items: seeded standard-normal features, 3 decimals."""
     rng = np.random.default_rng(seed)
-    item_feat = rng.normal(size=(spec.n_items, spec.item_feature_dim)).astype(np.float32)
+    return ItemCatalogue(rng.normal(size=(spec.n_items, spec.item_feature_dim)).round(3))
+
+
+def make_transitions(spec: WorldSpec = SPEC, n: int = 64, seed: int = 0,
+                     steps_per_session: int = 4,
+                     catalogue: ItemCatalogue | None = None) -> list[Transition]:
+    rng = np.random.default_rng(seed)
+    rng.normal(size=(spec.n_items, spec.item_feature_dim))  # the stream as it always was
+    item_feat = (catalogue or make_catalogue(spec)).features_NF
     out: list[Transition] = []
     session = 0
     while len(out) < n:
@@ -44,7 +56,6 @@ def make_transitions(spec: WorldSpec = SPEC, n: int = 64, seed: int = 0,
         for step, (obs, cands, slate, chosen, hist) in enumerate(steps):
             last = step == len(steps) - 1
             nxt = None if last else steps[step + 1]
-            feats = [item_feat[i].round(3).tolist() for i in cands] if spec.num_candidates else []
             out.append(Transition(
                 transition_id=f"{sess}-{step}", user_id=user, session_id=sess,
                 request_id=f"{sess}-r{step}",
@@ -52,7 +63,6 @@ def make_transitions(spec: WorldSpec = SPEC, n: int = 64, seed: int = 0,
                 slate=slate,
                 propensities=[spec.slate_size / len(cands)] * spec.slate_size,
                 candidates=cands if spec.num_candidates else [],
-                candidate_features=feats,
                 policy="random", policy_version=0,
                 chosen_item=None if chosen is None else slate[chosen],
                 chosen_position=chosen,
@@ -61,19 +71,21 @@ def make_transitions(spec: WorldSpec = SPEC, n: int = 64, seed: int = 0,
                                     history=nxt[4] if nxt else hist, step=step + 1),
                 next_slate=nxt[2] if nxt else [],
                 next_candidates=(nxt[1] if spec.num_candidates else []) if nxt else [],
-                next_candidate_features=(
-                    [item_feat[i].round(3).tolist() for i in nxt[1]]
-                    if nxt and spec.num_candidates else []),
                 done=last, served_ts=float(step), outcome_ts=float(step) + 0.5,
             ))
     return out[:n]
 
 
-def make_request(spec: WorldSpec = SPEC, seed: int = 0) -> tuple[Observation, Candidates]:
+def make_request(spec: WorldSpec = SPEC, seed: int = 0,
+                 catalogue: ItemCatalogue | None = None) -> tuple[Observation, Candidates]:
+    """A request with candidates, featured as serving features them (from ``catalogue``), or
+    with random rows where a test needs no catalogue."""
     rng = np.random.default_rng(seed + 1000)
     n = spec.num_candidates or spec.n_items
     ids = rng.choice(spec.n_items, size=n, replace=False).astype(np.int64)
     feats = rng.normal(size=(n, spec.item_feature_dim)).astype(np.float32)
+    if catalogue is not None:
+        feats = catalogue.features(ids)
     obs = Observation(user_id="u", user_obs=rng.normal(size=spec.user_obs_dim).astype(np.float32),
                       history=tuple(int(i) for i in ids[:2]))
     return obs, Candidates(ids=ids, features_NF=feats)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import Transition, UserView
 from recloop.core.spec import WorldSpec
 from recloop.learner import nets
@@ -16,17 +17,17 @@ from tests.unit.learner.synth import SPEC, make_request, make_transitions
 torch.set_num_threads(1)
 SMALL = WorldSpec(n_items=10, user_obs_dim=2, item_feature_dim=1, slate_size=2,
                   num_candidates=3, history_len=3)
+SMALL_CAT = ItemCatalogue(np.arange(10, dtype=np.float32).reshape(10, 1) / 10)  # item i: i/10
 
 
 def _t(**kw) -> Transition:
     base = dict(transition_id="t", user_id="u", session_id="s", request_id="r",
                 state=UserView(observation=[1.0, 2.0], history=[4, 5, 6, 7]),
                 slate=[8, 3], propensities=[1.0, 0.5], candidates=[3, 9, 8],
-                candidate_features=[[0.3], [0.9], [0.8]], policy="p", policy_version=0,
+                policy="p", policy_version=0,
                 chosen_item=3, chosen_position=1, reward=2.5,
                 next_state=UserView(observation=[0.0, 1.0], history=[5, 6, 7, 3]),
-                next_slate=[9, 3], next_candidates=[9, 3, 1],
-                next_candidate_features=[[0.9], [0.3], [0.1]], done=False,
+                next_slate=[9, 3], next_candidates=[9, 3, 1], done=False,
                 served_ts=0.0, outcome_ts=1.0)
     base.update(kw)
     return Transition(**base)
@@ -34,8 +35,8 @@ def _t(**kw) -> Transition:
 
 def test_to_batch_by_hand():
     b = to_batch([_t(), _t(chosen_item=None, chosen_position=None, reward=0.0, done=True,
-                        next_slate=[], next_candidates=[], next_candidate_features=[],
-                        state=UserView(observation=[1.0, 2.0], history=[4]))], SMALL)
+                        next_slate=[], next_candidates=[],
+                        state=UserView(observation=[1.0, 2.0], history=[4]))], SMALL, SMALL_CAT)
     assert b.history_BH.tolist() == [[5, 6, 7], [4, -1, -1]]  # last H, oldest first
     assert b.history_mask_BH.tolist() == [[True] * 3, [True, False, False]]
     assert b.slate_cand_idx_BK[0].tolist() == [2, 0]
@@ -45,16 +46,19 @@ def test_to_batch_by_hand():
     assert b.propensities_BK[0].tolist() == [1.0, 0.5]
     assert b.next_slate_mask_B.tolist() == [True, False]
     assert b.next_slate_features_BKF[0, :, 0].tolist() == pytest.approx([0.9, 0.3])
+    assert b.cand_features_BNF[0, :, 0].tolist() == pytest.approx([0.3, 0.9, 0.8])
+    assert b.next_cand_features_BNF[0, :, 0].tolist() == pytest.approx([0.9, 0.3, 0.1])
+    assert b.next_cand_features_BNF[1].abs().sum() == 0  # no successor: padding
     assert b.next_user_obs_BU[0].tolist() == [0.0, 1.0]
     assert b.clicked_B.tolist() == [True, False]
 
 
 def test_to_batch_pads_ragged_candidates_and_finds_position_by_item():
-    b = to_batch([_t(candidates=[3, 8], candidate_features=[[0.3], [0.8]], chosen_position=0),
-                  _t()], SMALL)
+    b = to_batch([_t(candidates=[3, 8], chosen_position=0), _t()], SMALL, SMALL_CAT)
     assert b.candidates_BN.tolist() == [[3, 8, -1], [3, 9, 8]]
     assert b.candidates_mask_BN[0].tolist() == [True, True, False]
     assert b.chosen_B.tolist() == [1, 1]  # position 0 holds 8, not the clicked 3
+    assert b.cand_features_BNF[0, :, 0].tolist() == pytest.approx([0.3, 0.8, 0.0])
 
 
 def test_request_batch_matches_to_batch_layout():
@@ -134,11 +138,24 @@ def test_optimizer_and_generator_snapshot_exact():
     assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=g2))
 
 
-def test_to_batch_whole_catalogue_rows_have_no_candidates():
-    b = to_batch([_t(candidates=[], candidate_features=[], next_candidates=[],
-                     next_candidate_features=[])], SMALL)
+def test_to_batch_whole_catalogue_rows_have_no_candidates_but_catalogue_features():
+    b = to_batch([_t(candidates=[], next_candidates=[])], SMALL, SMALL_CAT)
     assert b.candidates_BN.shape == (1, 0) and b.slate_cand_idx_BK.tolist() == [[-1, -1]]
-    assert b.slate_features_BKF.shape == (1, 2, 1) and torch.all(b.slate_features_BKF == 0)
+    # A slate item's features come from the catalogue, with or without a candidate list.
+    assert b.slate_features_BKF[0, :, 0].tolist() == pytest.approx([0.8, 0.3])
+    assert b.next_slate_features_BKF[0, :, 0].tolist() == pytest.approx([0.9, 0.3])
+
+
+def test_to_batch_without_catalogue_is_zeros_and_a_wrong_width_is_refused():
+    b = to_batch([_t()], SMALL)
+    assert b.slate_features_BKF.abs().sum() == 0 and b.cand_features_BNF.abs().sum() == 0
+    with pytest.raises(ValueError, match="2 item features"):
+        to_batch([_t()], SMALL, ItemCatalogue(np.zeros((10, 2), np.float32)))
+
+
+def test_to_batch_item_the_catalogue_does_not_hold_yet_gets_zeros():
+    b = to_batch([_t(slate=[8, 3])], SMALL, ItemCatalogue(np.ones((5, 1), np.float32)))
+    assert b.slate_features_BKF[0, :, 0].tolist() == [0.0, 1.0]  # 8 is past its 5 items
 
 
 def test_update_schedule_counts_credit_and_waits_for_learning_starts() -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from recloop.learner import checkpoint, registry
 from recloop.learner.replay import ReplayBuffer
-from tests.unit.learner.synth import SPEC, make_transitions
+from tests.unit.learner.synth import SPEC, make_catalogue, make_transitions
 
 torch.set_num_threads(1)
 
@@ -28,8 +28,8 @@ SHARED = {"policy_rng", "counters", "replay"}
 
 @pytest.mark.parametrize("name", registry.names())
 def test_snapshot_keys_keep_their_names(name):
-    agent = registry.make_agent(name, SPEC, 0, batch_size=8, learning_starts=8,
-                                snapshot_replay=True)
+    agent = registry.make_agent(name, SPEC, 0, catalogue=make_catalogue(SPEC), batch_size=8,
+                                learning_starts=8, snapshot_replay=True)
     agent.learn_many(make_transitions(n=30, seed=1))
     tensors = agent.state_tensors()
     assert {k.split(".")[0] for k in tensors} == FAMILIES[name] | SHARED

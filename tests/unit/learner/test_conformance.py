@@ -16,15 +16,16 @@ import torch
 from recloop.learner import registry
 from recloop.learner.batch import to_batch
 from recloop.learner.contract import Metrics
-from tests.unit.learner.synth import SPEC, make_request, make_transitions
+from tests.unit.learner.synth import SPEC, make_catalogue, make_request, make_transitions
 
 torch.set_num_threads(1)
 NAMES = registry.names()
 SMALL = {"batch_size": 8, "learning_starts": 8}
+CAT = make_catalogue(SPEC)
 
 
 def _agent(name: str, seed: int = 0):
-    return registry.make_agent(name, SPEC, seed, **_small(name))
+    return registry.make_agent(name, SPEC, seed, catalogue=CAT, **_small(name))
 
 
 def _fields(name: str) -> set[str]:
@@ -40,7 +41,7 @@ def _small(name: str) -> dict:
 
 
 def _slate_of(policy, seed: int = 0):
-    obs, cands = make_request(seed=seed)
+    obs, cands = make_request(seed=seed, catalogue=CAT)  # featured as serving features them
     return policy.recommend(obs, cands, SPEC.slate_size), cands
 
 
@@ -48,7 +49,7 @@ def _slate_of(policy, seed: int = 0):
 @pytest.mark.parametrize("size", [1, 64])
 def test_update_returns_finite_metrics_and_leaves_batch_alone(name, size):
     agent = _agent(name)
-    batch = to_batch(make_transitions(n=size, seed=size), SPEC)
+    batch = to_batch(make_transitions(n=size, seed=size), SPEC, CAT)
     before = batch.clone()
     for _ in range(3):
         metrics = agent.update(batch)
@@ -89,7 +90,7 @@ def test_snapshot_round_trip_is_exact(name):
     np.testing.assert_array_equal(a.items, b.items)
     np.testing.assert_array_equal(a.scores, b.scores)
     np.testing.assert_array_equal(a.propensities, b.propensities)
-    batch = to_batch(make_transitions(n=16, seed=2), SPEC)
+    batch = to_batch(make_transitions(n=16, seed=2), SPEC, CAT)
     assert agent.update(batch) == clone.update(batch)
     after_a, after_b = agent.state_tensors(), clone.state_tensors()
     assert after_a.keys() == after_b.keys()
@@ -113,9 +114,11 @@ WITH_REPLAY = [n for n in NAMES if "snapshot_replay" in _fields(n)]
 @pytest.mark.parametrize("name", WITH_REPLAY)
 def test_resumed_learner_continues_identically(name):
     """With the replay in the snapshot, learn_many after a restore matches the original."""
-    agent = registry.make_agent(name, SPEC, 0, snapshot_replay=True, **_small(name))
+    agent = registry.make_agent(name, SPEC, 0, catalogue=CAT, snapshot_replay=True,
+                                **_small(name))
     agent.learn_many(make_transitions(n=30, seed=1))
-    clone = registry.make_agent(name, SPEC, 5, snapshot_replay=True, **_small(name))
+    clone = registry.make_agent(name, SPEC, 5, catalogue=CAT, snapshot_replay=True,
+                                **_small(name))
     clone.load_state_tensors(agent.state_tensors())
     more = make_transitions(n=30, seed=2)
     assert agent.learn_many(more) == clone.learn_many(more)
@@ -160,7 +163,7 @@ def test_propensities_match_empirical_inclusion_frequencies(name):
     average logged propensity of an item (over the draws that served it) is its empirical
     inclusion frequency."""
     policy = _agent(name).policy()
-    obs, cands = make_request(seed=11)
+    obs, cands = make_request(seed=11, catalogue=CAT)
     draws = 3000
     count, prop_sum = {}, {}
     for _ in range(draws):

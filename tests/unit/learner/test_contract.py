@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.ports import Candidates
 from recloop.learner import registry
 from recloop.learner.actor_critic import ActorCriticConfig
 from recloop.learner.contract import Agent, Metrics
-from tests.unit.learner.synth import SPEC, make_request, make_transitions
+from tests.unit.learner.synth import SPEC, make_catalogue, make_request, make_transitions
 
 torch.set_num_threads(1)
 NAMES = registry.names()
@@ -42,8 +43,11 @@ CONFIG_DEFAULTS = {
 }
 
 
+CAT = make_catalogue(SPEC)
+
+
 def _agent(name: str, seed: int = 0) -> Agent:
-    return registry.make_agent(name, SPEC, seed, batch_size=8, learning_starts=8)
+    return registry.make_agent(name, SPEC, seed, catalogue=CAT, batch_size=8, learning_starts=8)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -110,3 +114,23 @@ def test_recommend_refuses_a_slate_size_the_candidates_cannot_fill(name):
     with pytest.raises(ValueError, match=f"k={SPEC.n_items + 1}"):
         policy.recommend(obs, empty, SPEC.n_items + 1)
     assert len(policy.recommend(obs, cands, len(cands)).items) == len(cands)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_featured_world_without_catalogue_is_never_ranked_on_zeros(name):
+    """Built without a catalogue, an agent still serves requests that carry their features,
+    but refuses to rank a request without candidates (it holds no features for it) instead
+    of ranking the catalogue on zeros; a catalogue of another width is refused outright."""
+    agent = registry.make_agent(name, SPEC, 0, batch_size=8, learning_starts=8)
+    assert agent.catalogue is None
+    policy = agent.policy()
+    obs, cands = make_request(catalogue=CAT)
+    assert len(policy.recommend(obs, cands, SPEC.slate_size).items) == SPEC.slate_size
+    empty = Candidates(np.zeros(0, np.int64), np.zeros((0, SPEC.item_feature_dim), np.float32))
+    with pytest.raises(ValueError, match="catalogue"):
+        policy.recommend(obs, empty, SPEC.slate_size)
+    with pytest.raises(ValueError, match="item features"):
+        agent.set_catalogue(ItemCatalogue(np.zeros((SPEC.n_items, SPEC.item_feature_dim + 1))))
+    agent.set_catalogue(CAT)
+    assert agent.catalogue is CAT
+    assert len(policy.recommend(obs, empty, SPEC.slate_size).items) == SPEC.slate_size

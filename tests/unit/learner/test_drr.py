@@ -12,15 +12,22 @@ from recloop.core.spec import WorldSpec
 from recloop.learner import registry
 from recloop.learner.algorithms import drr as D
 from recloop.learner.batch import request_batch, to_batch
-from tests.unit.learner.synth import SPEC, bandit_step, make_request, make_transitions
+from tests.unit.learner.synth import (
+    SPEC,
+    bandit_step,
+    make_catalogue,
+    make_request,
+    make_transitions,
+)
 
 torch.set_num_threads(1)
+CAT = make_catalogue(SPEC)
 
 
 @pytest.mark.parametrize(("mode", "width"), [("ave", 3 * 16), ("p", 15 * 16), ("u", 15 * 16)])
 def test_representation_shapes(mode, width):
-    agent = registry.make_agent("drr", SPEC, seed=0, state_rep=mode)
-    batch = to_batch(make_transitions(SPEC, n=7), SPEC)
+    agent = registry.make_agent("drr", SPEC, seed=0, catalogue=CAT, state_rep=mode)
+    batch = to_batch(make_transitions(SPEC, n=7), SPEC, CAT)
     s_BS = agent.net.rep(batch.state, agent.features_IF)
     assert s_BS.shape == (7, width) == (7, D.state_dim(mode, SPEC.history_len, 16))
     assert agent.net.critic(s_BS, agent.net.act(s_BS)).shape == (7,)
@@ -59,7 +66,7 @@ def _state(agent, spec, history):
 
 
 def test_history_window_is_the_n_most_recent_positives():
-    agent = registry.make_agent("drr", SPEC, seed=0, state_rep="ave")
+    agent = registry.make_agent("drr", SPEC, seed=0, catalogue=CAT, state_rep="ave")
     n = SPEC.history_len
     # Only the n most recent positive items count: older ones fall out of the window.
     long_ = [9, 8, 1, 2, 3, 4, 5]
@@ -76,9 +83,9 @@ def test_history_window_is_the_n_most_recent_positives():
 
 
 def test_target_is_the_target_networks_on_the_next_state():
-    agent = registry.make_agent("drr", SPEC, seed=0, learning_starts=8, batch_size=8)
+    agent = registry.make_agent("drr", SPEC, seed=0, catalogue=CAT, learning_starts=8, batch_size=8)
     agent.learn_many(make_transitions(SPEC, n=24, seed=1))  # target ≠ online after updates
-    batch = to_batch(make_transitions(SPEC, n=16, seed=3), SPEC)
+    batch = to_batch(make_transitions(SPEC, n=16, seed=3), SPEC, CAT)
     with torch.no_grad():
         s2_BS = agent.target.rep(batch.next_state, agent.features_IF)
         want_B = agent.target.critic(s2_BS, agent.target.act(s2_BS))
@@ -92,7 +99,7 @@ def test_target_is_the_target_networks_on_the_next_state():
 
 
 def test_prioritised_replay_gets_td_errors():
-    agent = registry.make_agent("drr", SPEC, seed=0, learning_starts=8, batch_size=8)
+    agent = registry.make_agent("drr", SPEC, seed=0, catalogue=CAT, learning_starts=8, batch_size=8)
     agent.learn_many(make_transitions(SPEC, n=32, seed=1))
     pr = agent.replay.priorities[: len(agent.replay)]
     assert len(set(np.round(pr, 6))) > 5  # priorities now differ by TD error
@@ -116,7 +123,7 @@ def test_learns_a_tiny_bandit(mode):
 
 
 def test_scores_are_item_vectors_dotted_with_the_action():
-    agent = registry.make_agent("drr", SPEC, seed=0)
+    agent = registry.make_agent("drr", SPEC, seed=0, catalogue=CAT)
     pol = agent.policy()
     pol.explore = False
     obs, cands = make_request(SPEC, seed=2)

@@ -19,9 +19,10 @@ from recloop.core import codec
 from recloop.learner import batch as learner_batch
 from recloop.learner.batch import to_batch
 from recloop.learner.registry import make_agent
-from tests.unit.learner.synth import SPEC, make_transitions
+from tests.unit.learner.synth import SPEC, make_catalogue, make_transitions
 from tests.unit.test_snapshot_faults import Loop
 
+CAT = make_catalogue(SPEC)
 HOSTILE_IDS = [2**63, 10**15, SPEC.n_items, -5]
 
 
@@ -45,10 +46,10 @@ def test_an_id_outside_the_catalogue_is_refused_with_a_reason(item):
 
 @pytest.mark.parametrize("item", HOSTILE_IDS)
 def test_an_agent_sampling_such_a_transition_keeps_learning(item):
-    agent = make_agent("mf", SPEC, seed=0)
+    agent = make_agent("mf", SPEC, seed=0, catalogue=CAT)
     good = make_transitions(SPEC, n=64, seed=1)
     agent.learn_many([_hostile(item), *good])  # every update samples from both
-    batch = to_batch([_hostile(item)], SPEC)
+    batch = to_batch([_hostile(item)], SPEC, CAT)
     assert batch.slate_BK[0, 0].item() == -1 and not batch.slate_mask_BK[0, 0]
     assert batch.history_BH[0, 0].item() == -1 and not batch.history_mask_BH[0, 0]
     assert batch.candidates_BN[0, 0].item() == -1 and not batch.candidates_mask_BN[0, 0]

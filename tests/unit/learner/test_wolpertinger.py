@@ -7,15 +7,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import Transition, UserView
 from recloop.core.ports import Candidates, Observation
 from recloop.core.spec import WorldSpec
 from recloop.learner import registry
 from recloop.learner.algorithms import wolpertinger as W
 from recloop.learner.batch import request_batch, to_batch
-from tests.unit.learner.synth import SPEC, bandit_step, make_request, make_transitions
+from tests.unit.learner.synth import (
+    SPEC,
+    bandit_step,
+    make_catalogue,
+    make_request,
+    make_transitions,
+)
 
 torch.set_num_threads(1)
+CAT = make_catalogue(SPEC)
 
 # Four unit vectors in the plane: â = e0 has e0 and e1 as its two nearest items, while the
 # critic q(e) = e·(0, 1) prefers e2, which only a wider search finds.
@@ -28,7 +36,7 @@ def _q_up(e: torch.Tensor) -> torch.Tensor:
 
 def _trained_agent(spec: WorldSpec, seed: int = 0, **over) -> W.WolpertingerAgent:
     agent = registry.make_agent("wolpertinger", spec, seed=seed, batch_size=16,
-                                learning_starts=16, **over)
+                                learning_starts=16, catalogue=make_catalogue(spec), **over)
     agent.learn_many(make_transitions(spec, n=48, seed=seed))
     agent.policy().explore = False
     return agent
@@ -89,9 +97,10 @@ def test_k_one_is_the_nearest_item_to_the_proto_action():
 
 
 def test_proto_action_stays_on_the_item_manifold():
-    agent = registry.make_agent("wolpertinger", SPEC, seed=1, batch_size=16, learning_starts=16,
+    agent = registry.make_agent("wolpertinger", SPEC, seed=1, catalogue=CAT, batch_size=16,
+                                learning_starts=16,
                                 manifold_coef=2.0)
-    batch = to_batch(make_transitions(SPEC, n=32, seed=5), SPEC)
+    batch = to_batch(make_transitions(SPEC, n=32, seed=5), SPEC, CAT)
     with torch.no_grad():
         assert torch.allclose(agent.net.proto(batch.state).norm(dim=-1), torch.ones(32))
         assert torch.allclose(agent.net.embed(batch.slate_BK, batch.slate_features_BKF)
@@ -103,15 +112,13 @@ def test_proto_action_stays_on_the_item_manifold():
 
 
 def _hand_transition(state_obs, next_obs, cands, next_cands, done=False) -> Transition:
-    feats = {i: E_ND[i].tolist() for i in range(4)}
     return Transition(
         transition_id="t", user_id="u", session_id="s", request_id="r",
         state=UserView(observation=state_obs), slate=[cands[0]], propensities=[1.0],
-        candidates=cands, candidate_features=[feats[i] for i in cands], policy="p",
+        candidates=cands, policy="p",
         policy_version=0, chosen_item=cands[0], chosen_position=0, reward=1.0,
         next_state=UserView(observation=next_obs), next_slate=next_cands[:1] if next_cands else [],
-        next_candidates=next_cands, next_candidate_features=[feats[i] for i in next_cands],
-        done=done, served_ts=0.0, outcome_ts=0.0)
+        next_candidates=next_cands, done=done, served_ts=0.0, outcome_ts=0.0)
 
 
 def test_target_runs_the_target_pipeline_on_the_next_state():
@@ -134,7 +141,7 @@ def test_target_runs_the_target_pipeline_on_the_next_state():
         _hand_transition([1.0, 0.0], [1.0, 0.0], [0, 1], [0, 2, 3]),
         # next candidates unknown: the current ones stand in ({e0, e1} -> 0.6)
         _hand_transition([1.0, 0.0], [1.0, 0.0], [0, 1, 3], [], done=True),
-    ], spec)
+    ], spec, ItemCatalogue(E_ND.numpy()))  # item i's features are E_ND[i]
     value_B = agent.target_value(batch)
     assert value_B.tolist() == pytest.approx([0.6, 1.0, 0.6])
     y_B = W.td_target(batch.reward_B, value_B, batch.done_B, agent.config.gamma)
@@ -142,7 +149,7 @@ def test_target_runs_the_target_pipeline_on_the_next_state():
 
 
 def test_skipped_items_earn_zero_and_the_click_its_reward():
-    batch = to_batch(make_transitions(SPEC, n=32, seed=2), SPEC)
+    batch = to_batch(make_transitions(SPEC, n=32, seed=2), SPEC, CAT)
     r_BK = W.slate_rewards(batch)
     for b in range(batch.size):
         for k in range(SPEC.slate_size):
