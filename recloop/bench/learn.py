@@ -22,9 +22,13 @@ seed), the interval is over the evaluation users, and each seed's own mean diffe
 listed beside it: the interval says how sure the mean over these seeds is, the per-seed
 figures whether every seed agrees.
 
-``world="large_catalogue"`` has no candidate list: requests name no candidates, serving
-retrieves from the catalogue, every policy is evaluated over the whole catalogue, and
-``n_items`` sets its size (100,000 by default; the 1M variant is ``n_items=1_000_000``).
+``world="large_catalogue"`` has no candidate list and ``n_items`` sets its size (100,000 by
+default; the 1M variant is ``n_items=1_000_000``). Requests name no candidates, so a learned
+policy is evaluated as serving runs it (``Retrieved``): the top 100 of the catalogue by the
+user's observation, then the policy's ranking of those, which is also where its training
+traffic came from. The baselines rank the whole catalogue, and a fourth one,
+``retrieved_random`` (uniform over the same 100), shows what retrieval alone gives: an
+algorithm's difference against it is what its own ranking adds.
 
 Throughput, measured on the same transitions for every algorithm (a random policy's traffic
 folded by the streams fold), in samples per second of gradient work:
@@ -75,6 +79,9 @@ PRESET_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     ("interest_evolution", "slateq_myopic"): {"choice_model": "proportional", "update_every": 4},
 }
 BASELINES = ("random", "popularity", "myopic_oracle")
+RETRIEVED_RANDOM = "retrieved_random"
+"""Uniform over serving's retrieved candidates: what retrieval alone gives, without a catalogue
+list (a learned policy's gain over it is what its ranking learned)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,36 @@ class PopularityBaseline:
             items_K = candidates.ids[np.argsort(-score_C, kind="stable")[:k]]
         return Slate(items=items_K.astype(np.int64), scores=self._score_N[items_K],
                      propensities=np.ones(k))  # fmt: skip
+
+
+class Retrieved:
+    """``policy`` as serving runs it on a request without candidates: the top ``m`` items of
+    the catalogue by inner product with the user's observation (serving's retrieval for a
+    policy with no index of its own; exact here, serving's index reaches recall >= 0.95 of
+    it), then the policy ranks those. Candidate lists are passed through untouched."""
+
+    def __init__(self, policy: Any, features_NF: np.ndarray, m: int = 100,
+                 name: str | None = None) -> None:  # fmt: skip
+        self.policy, self.features_NF, self.m = policy, features_NF, m
+        self.name = name or policy.name
+        self.version = int(getattr(policy, "version", 0))
+
+    @property
+    def explore(self) -> Any:
+        return getattr(self.policy, "explore", None)
+
+    @explore.setter
+    def explore(self, value: Any) -> None:
+        if hasattr(self.policy, "explore"):
+            self.policy.explore = value
+
+    def recommend(self, observation: Observation, candidates: Candidates, k: int) -> Slate:
+        if len(candidates) != self.features_NF.shape[0]:
+            return self.policy.recommend(observation, candidates, k)
+        affinity_N = self.features_NF @ observation.user_obs.astype(np.float32)
+        ids_M = np.argpartition(-affinity_N, self.m - 1)[: self.m].astype(np.int64)
+        sub = Candidates(ids=ids_M, features_NF=self.features_NF[ids_M])
+        return self.policy.recommend(observation, sub, k)
 
 
 def popularity(world: World, episodes: int, seed: int) -> PopularityBaseline:
@@ -224,9 +261,19 @@ def run(config: BenchConfig, echo: Callable[[str], None] = print) -> dict:
     seeds = [config.seed + s for s in range(config.train_seeds)]
     eval_seed, episodes = config.seed + 1000, config.eval_episodes
     echo(_heading(config, world, seeds))
-    fixed = evaluate_paired(
-        world, {"random": RandomPolicy(seed=config.seed), "myopic_oracle": MyopicOraclePolicy(world)},
-        episodes, eval_seed).reports  # fmt: skip
+    whole = world.num_candidates == 0
+    features_NF = catalogue.features_NF
+
+    def as_served(policy: Any, name: str | None = None) -> Any:
+        return Retrieved(policy, features_NF, name=name) if whole else policy
+
+    fixed_policies = {"random": RandomPolicy(seed=config.seed),
+                      "myopic_oracle": MyopicOraclePolicy(world)}  # fmt: skip
+    if whole:
+        fixed_policies[RETRIEVED_RANDOM] = as_served(RandomPolicy(seed=config.seed),
+                                                     RETRIEVED_RANDOM)  # fmt: skip
+    baselines = (*BASELINES, RETRIEVED_RANDOM) if whole else BASELINES
+    fixed = evaluate_paired(world, fixed_policies, episodes, eval_seed).reports
     per_seed: dict[str, list[RunReport]] = {name: [r] for name, r in fixed.items()}
     per_seed["popularity"] = [
         evaluate_paired(world, {"popularity": popularity(world, config.train_episodes, s + 1)},
@@ -242,7 +289,8 @@ def run(config: BenchConfig, echo: Callable[[str], None] = print) -> dict:
             agent = registry.make_agent(name, spec, seed=s, **overrides)
             trained = train(world, agent, config.train_episodes, seed=s + 1)
             # The same evaluation seed gives the same users as the baselines': paired.
-            per_seed[name].append(evaluate_paired(world, {name: agent.policy()}, episodes,
+            served = as_served(agent.policy())
+            per_seed[name].append(evaluate_paired(world, {name: served}, episodes,
                                                   eval_seed).reports[name])  # fmt: skip
             trains.append(trained)
         tp = (throughput(name, spec, transitions, overrides, config.throughput_seconds, catalogue)
@@ -250,10 +298,10 @@ def run(config: BenchConfig, echo: Callable[[str], None] = print) -> dict:
         results[name] = {"eval": _row(pooled(per_seed[name])),
                          "train": [_row(t.run) for t in trains],
                          "transitions": [t.transitions for t in trains], **tp}  # fmt: skip
-        echo(_table(name, per_seed, tp))
+        echo(_table(name, per_seed, tp, baselines))
     reports = {name: pooled(r) for name, r in per_seed.items()}
     paired = PairedReport(reports, eval_seed)
-    pairs = _pairs(names)
+    pairs = _pairs(names, baselines)
     echo(f"\npaired comparison on {config.world}: the same {episodes} evaluation users for "
          f"every policy; a policy's return per user is its mean over {len(seeds)} training "
          f"seed(s)\n{_paired_table(paired, per_seed, pairs)}")
@@ -266,7 +314,7 @@ def run(config: BenchConfig, echo: Callable[[str], None] = print) -> dict:
     figures = {"bench": "learn", "world": config.world, "n_items": world.catalogue.n_items,
                "num_candidates": world.num_candidates, "train_episodes": config.train_episodes,
                "eval_episodes": episodes, "seed": config.seed, "train_seeds": seeds,
-               "baselines": {k: _row(reports[k]) for k in BASELINES}, "algorithms": results,
+               "baselines": {k: _row(reports[k]) for k in baselines}, "algorithms": results,
                "paired_differences": differences}  # fmt: skip
     echo(json.dumps(figures, sort_keys=True))
     return figures
@@ -281,9 +329,9 @@ def _per_seed(per_seed: Mapping[str, list[RunReport]], a: str, b: str) -> list[f
     return out
 
 
-def _pairs(names: list[str]) -> list[tuple[str, str]]:
+def _pairs(names: list[str], baselines: tuple[str, ...]) -> list[tuple[str, str]]:
     """Each algorithm against every baseline, and SARSA-TS against MYOP-TS when both ran."""
-    pairs = [(n, b) for n in names for b in BASELINES]
+    pairs = [(n, b) for n in names for b in baselines]
     if "slateq" in names and "slateq_myopic" in names:
         pairs.insert(0, ("slateq", "slateq_myopic"))
     return pairs
@@ -297,11 +345,12 @@ def _heading(config: BenchConfig, world: World, seeds: list[int]) -> str:
             f"{config.eval_episodes} evaluation users")
 
 
-def _table(name: str, per_seed: Mapping[str, list[RunReport]], tp: dict) -> str:
+def _table(name: str, per_seed: Mapping[str, list[RunReport]], tp: dict,
+           baselines: tuple[str, ...]) -> str:  # fmt: skip
     lines = [f"\n{name}: evaluation (mean ± 95% CI; over training seeds, the mean per user)",
              f"  {'policy':<16}{'avg return':>20}{'avg clicked quality':>24}{'CTR':>18}"
              f"{'return per seed':>28}"]  # fmt: skip
-    for label in (name, *BASELINES):
+    for label in (name, *baselines):
         r = pooled(per_seed[label])
         seeds = ", ".join(f"{x.mean_return.mean:.2f}" for x in per_seed[label])
         lines.append(f"  {label:<16}{str(r.mean_return):>20}{str(r.clicked_quality):>24}"
