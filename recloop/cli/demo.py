@@ -22,6 +22,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             "answers), fresh topics, and sim, streams, learn and serve as separate processes, "
             "with a live view; then write the report (HTML + PNG learning curves).\n\n"
             "Examples: recloop demo | recloop demo --duration 600 --algo slateq | "
+            "recloop demo --preset large_catalogue --n-items 1000000 --algo mf | "
             "recloop demo --external (only watch and report: docker compose runs the processes)"
         ),
     )(demo)
@@ -30,6 +31,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 def demo(
     duration: float = typer.Option(240.0, min=10.0, help="Seconds to run the loop."),
     algo: str = typer.Option("slateq", help="Algorithm that learns (see `recloop learn`)."),
+    preset: str = typer.Option(
+        "interest_evolution", help="The simulator's world (it publishes the catalogue)."
+    ),
+    n_items: int = typer.Option(0, min=0, help="Catalogue size (0: the preset's own)."),
     users: int = typer.Option(48, min=1, help="Concurrent simulated users."),
     rate: float = typer.Option(80.0, min=1.0, help="Most requests per second from the sim."),
     learned_share: float = typer.Option(
@@ -59,9 +64,15 @@ def demo(
         raise typer.BadParameter(
             f"unknown algorithm {algo!r}; known: {', '.join(registry.names())}", param_hint="--algo"
         )
+    from recloop.producer_sim.presets import PRESETS
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(
+            f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}", param_hint="--preset"
+        )
     options = DemoOptions(
         duration_s=duration, algo=algo, users=users, rate=rate, learned_share=learned_share, out_dir=out,
-        external=external,
+        external=external, preset=preset, n_items=n_items,
     )  # fmt: skip
     try:
         summary = run_demo(settings, options, console)

@@ -154,11 +154,11 @@ class _Run:
                         "--data-dir", str(work / "streams-data"),
                         # Longer than the run: no session expires (the replay expires none).
                         "--session-timeout", "86400"],
-            "learn": ["learn", "--algo", o.algo, "--preset", o.preset,
+            # Learner and serving take the catalogue the simulator publishes: no world.
+            "learn": ["learn", "--algo", o.algo,
                       "--snapshot-every", str(o.snapshot_every),
                       "--snapshot-seconds", str(o.snapshot_seconds), *o.learn_args],
-            "serve": ["serve", "--policy", f"{o.algo}={share}", "--policy", f"random={1 - share}",
-                      "--preset", o.preset],
+            "serve": ["serve", "--policy", f"{o.algo}={share}", "--policy", f"random={1 - share}"],
             "sim": ["sim", "--preset", o.preset, "--users", str(o.users), "--rate", str(o.rate)],
         }  # fmt: skip
         self.fleet = Fleet(work / "logs", env, commands, self.t0)

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recloop.ops.demo import DemoOptions
-
 KINDS = ("sim", "streams", "learn", "serve")
 BROKER = "broker"
 
@@ -42,7 +40,11 @@ class ChaosOptions:
     with ``users`` each user sends about as often as in the demo, so an outage leaves each
     a backlog of a few dozen records."""
     algo: str = "slateq"
-    learn_args: tuple[str, ...] = DemoOptions.extra_learn_args
+    learn_args: tuple[str, ...] = (
+        "--config", "choice_model=proportional", "--config", "update_every=8",
+    )  # fmt: skip
+    """SlateQ knows interest_evolution's proportional choice model; one update of 64 per 8
+    new transitions keeps the learner ahead of the stream."""
     preset: str = "interest_evolution"
     learned_share: float = 0.5
     snapshot_every: int = 200

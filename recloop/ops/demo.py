@@ -2,7 +2,9 @@
 
 ``run_demo`` starts a local Kafka broker unless one answers, creates a fresh set of topics
 for the run (a per-run prefix, so every demo starts clean), starts ``recloop streams``,
-``recloop learn``, ``recloop serve`` and ``recloop sim`` as child processes, watches them
+``recloop learn``, ``recloop serve`` and ``recloop sim`` as child processes (the simulator
+publishes its world's catalogue; the learner and serving wait for it and take every size
+from it, the stream and the snapshots, never from a preset), watches them
 with ``LoopMonitor`` for the configured time, stops them (SIGTERM, then SIGKILL, by pid),
 and writes the report. Serving splits users between the learning policy and a uniform-random
 control arm, so the report's learning curve shows one against the other in the same traffic.
@@ -43,6 +45,10 @@ class DemoOptions:
     rate: float = 80.0
     """Requests per second the simulator may send: sized so one 2-core machine keeps up."""
     preset: str = "interest_evolution"
+    """The simulator's world; the learner and serving take the catalogue it publishes."""
+    n_items: int = 0
+    """Catalogue size for a preset that takes one (0: the preset's own; large_catalogue at
+    1,000,000 is the million-item run)."""
     learned_share: float = 0.5
     """Share of users served by the learning policy; the rest get uniform random slates."""
     snapshot_every: int = 1000
@@ -50,11 +56,25 @@ class DemoOptions:
     out_dir: Path = Path("artifacts/demo")
     external: bool = False
     window_s: float = 10.0
-    extra_learn_args: tuple[str, ...] = (
-        "--config", "choice_model=proportional", "--config", "update_every=8",
-    )  # fmt: skip
-    """SlateQ assumes a known choice model (interest_evolution's is proportional); one
-    update of 64 per 8 new transitions keeps the learner ahead of the stream."""
+    extra_learn_args: tuple[str, ...] = ("--config", "update_every=8")
+    """One update of 64 per 8 new transitions keeps the learner ahead of the stream."""
+
+    def learn_args(self) -> list[str]:
+        """``recloop learn``'s arguments: no world, only the algorithm and its schedule. SlateQ
+        assumes a known choice model, and interest_evolution's is proportional (the other
+        presets' multinomial logit is SlateQ's default)."""
+        known = (["--config", "choice_model=proportional"]
+                 if self.algo.startswith("slateq") and self.preset == "interest_evolution"
+                 else [])  # fmt: skip
+        return ["learn", "--algo", self.algo, "--snapshot-every", str(self.snapshot_every),
+                "--snapshot-seconds", str(self.snapshot_seconds), *known,
+                *self.extra_learn_args]  # fmt: skip
+
+    def sim_args(self) -> list[str]:
+        """``recloop sim``'s arguments: the world (it publishes the catalogue) and its users."""
+        size = ["--n-items", str(self.n_items)] if self.n_items else []
+        return ["sim", "--preset", self.preset, *size, "--users", str(self.users),
+                "--duration", str(self.duration_s), "--rate", str(self.rate)]  # fmt: skip
 
 
 @dataclass
@@ -168,47 +188,10 @@ def run_demo(
                 "--data-dir", str(out_dir / "streams-data"),
                 "--session-timeout", "120",
             ])
-            children.start(
-                "learn",
-                [
-                    "learn",
-                    "--algo",
-                    options.algo,
-                    "--preset",
-                    options.preset,
-                    "--snapshot-every",
-                    str(options.snapshot_every),
-                    "--snapshot-seconds",
-                    str(options.snapshot_seconds),
-                    *options.extra_learn_args,
-                ],
-            )
-            children.start(
-                "serve",
-                [
-                    "serve",
-                    "--policy",
-                    f"{options.algo}={share}",
-                    "--policy",
-                    f"random={1 - share}",
-                    "--preset",
-                    options.preset,
-                ],
-            )
-            children.start(
-                "sim",
-                [
-                    "sim",
-                    "--preset",
-                    options.preset,
-                    "--users",
-                    str(options.users),
-                    "--duration",
-                    str(options.duration_s),
-                    "--rate",
-                    str(options.rate),
-                ],
-            )
+            children.start("learn", options.learn_args())
+            children.start("serve", ["serve", "--policy", f"{options.algo}={share}",
+                                     "--policy", f"random={1 - share}"])  # fmt: skip
+            children.start("sim", options.sim_args())
         monitor = LoopMonitor(
             settings, storage, run_id,
             learner_groups=[f"{settings.topic_prefix}recloop-learner-{options.algo}"],
