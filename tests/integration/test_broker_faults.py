@@ -39,8 +39,7 @@ def _request(i: int) -> bytes:
     from recloop.core import codec
 
     req = RecRequest(request_id=f"r{i}", user_id=f"u{i % 7}", session_id=f"s{i % 7}", step=i,
-                     ts=time.time(), k=2, observation=[], candidates=[],
-                     candidate_features=[])  # fmt: skip
+                     ts=time.time(), k=2, observation=[], candidates=[])  # fmt: skip
     return codec.encode(req)
 
 

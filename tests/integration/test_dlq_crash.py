@@ -95,8 +95,7 @@ def test_a_crash_after_the_commit_leaves_the_malformed_slate_dead_lettered_or_un
             request_id=req.request_id, user_id=req.user_id, session_id=req.session_id,
             step=req.step, ts=time.time(), request_ts=req.ts, items=req.candidates[: req.k - 1],
             scores=[0.0] * (req.k - 1), propensities=[0.5] * (req.k - 1), policy="broken",
-            policy_version=1, candidates=req.candidates,
-            candidate_features=req.candidate_features, observation=req.observation,
+            policy_version=1, candidates=req.candidates, observation=req.observation,
         )  # fmt: skip
         delivered = []
         producer = make_producer(kafka_settings)

@@ -1,4 +1,9 @@
-"""The learner service on the real broker: snapshots, resume, and crash safety under kill -9."""
+"""The learner service on the real broker: snapshots, resume, and crash safety under kill -9.
+
+The learner is started as ``recloop learn`` with no world: it waits for the catalogue on the
+items + catalogue topics (published here, as the simulator would) and reads its other sizes
+off the transitions, or off the snapshot it resumes.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,12 @@ import numpy as np
 import pytest
 
 from recloop.core import codec
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import PolicyPublished, Transition, UserView
 from recloop.core.settings import Settings
 from recloop.core.snapshot import latest_snapshot, read_snapshot
+from recloop.kafka.bus import KafkaBus
+from recloop.kafka.catalogue import publish_catalogue
 from recloop.kafka.clients import make_producer
 from recloop.services.learn import id_digest
 from recloop.storage.store import Storage
@@ -24,12 +32,12 @@ from recloop.storage.store import Storage
 pytestmark = pytest.mark.integration
 
 N_ITEMS = 6  # tiny_world's catalogue
+CATALOGUE = ItemCatalogue(np.eye(N_ITEMS, dtype=np.float32))
 
 
 def _transitions(count: int, seed: int) -> list[Transition]:
     """Plausible tiny_world transitions: random slates, clicks on item 0 most of the time."""
     rng = np.random.default_rng(seed)
-    eye = np.eye(N_ITEMS).tolist()
     out = []
     for i in range(count):
         user = f"u{i % 37}"
@@ -47,7 +55,6 @@ def _transitions(count: int, seed: int) -> list[Transition]:
                 slate=slate,
                 propensities=[1 / 3, 1 / 3],
                 candidates=list(range(N_ITEMS)),
-                candidate_features=eye,
                 policy="random",
                 policy_version=0,
                 chosen_item=slate[clicked] if clicked is not None else None,
@@ -60,6 +67,14 @@ def _transitions(count: int, seed: int) -> list[Transition]:
             )
         )
     return out
+
+
+def _publish_catalogue(settings: Settings) -> None:
+    bus = KafkaBus(settings, process="test-catalogue")
+    try:
+        publish_catalogue(bus, settings.topics, CATALOGUE)
+    finally:
+        bus.close()
 
 
 def _produce(settings: Settings, transitions: list[Transition]) -> None:
@@ -88,10 +103,6 @@ def _start_learner(settings: Settings, log: Path) -> subprocess.Popen:
         "learn",
         "--algo",
         "mf",
-        "--preset",
-        "tiny_world",
-        "--slate-size",
-        "2",
         "--snapshot-every",
         "150",
         "--snapshot-seconds",
@@ -126,6 +137,7 @@ def test_kill_9_at_random_points_loses_nothing_and_applies_nothing_twice(
     batches = [_transitions(900, seed) for seed in range(4)]
     unique = [t for batch in batches for t in batch]
     log = tmp_path / "learner.log"
+    _publish_catalogue(kafka_settings)
     proc = _start_learner(kafka_settings, log)
     try:
         for i, batch in enumerate(batches):
@@ -162,6 +174,7 @@ def test_snapshot_is_recorded_announced_and_loadable(kafka_settings: Settings, t
     from confluent_kafka import Consumer
 
     _produce(kafka_settings, _transitions(400, seed=11))
+    _publish_catalogue(kafka_settings)
     proc = _start_learner(kafka_settings, tmp_path / "learner.log")
     try:
         manifest = _wait_applied(kafka_settings, "mf", 400, timeout=120)
@@ -172,6 +185,10 @@ def test_snapshot_is_recorded_announced_and_loadable(kafka_settings: Settings, t
     ref = latest_snapshot(kafka_settings.resolved_snapshot_dir, "mf")
     tensors, read_manifest = read_snapshot(ref.path, ref.weights_sha256, ref.manifest_sha256)
     assert read_manifest["version"] == ref.version >= 1 and manifest["algorithm"] == "mf"
+    # Sizes from the catalogue (6 items, 6 features) and the transitions (U 6, K 2, N 6).
+    assert read_manifest["spec"] == {"n_items": 6, "user_obs_dim": 6, "item_feature_dim": 6,
+                                     "slate_size": 2, "num_candidates": 6, "history_len": 5}
+    assert read_manifest["catalogue"]["sha256"] == CATALOGUE.sha256
     with Storage.from_settings(kafka_settings) as storage:
         recorded = storage.latest_snapshot("mf")
     assert recorded is not None and recorded["version"] == ref.version
@@ -196,3 +213,15 @@ def test_snapshot_is_recorded_announced_and_loadable(kafka_settings: Settings, t
     assert versions == sorted(versions) and ref.version in versions
     last = next(p for p in seen if p.version == ref.version)
     assert last.weights_sha256 == ref.weights_sha256 and last.manifest_sha256 == ref.manifest_sha256
+
+
+def test_without_a_catalogue_recloop_learn_ends_with_one_line_saying_what_to_start(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    env = {**_learner_env(kafka_settings), "RECLOOP_CATALOGUE_WAIT_S": "2"}
+    done = subprocess.run([sys.executable, "-m", "recloop", "learn", "--algo", "mf"], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("recloop learn: no complete catalogue on ")
+    assert "recloop sim" in last and "RECLOOP_CATALOGUE_WAIT_S" in last
