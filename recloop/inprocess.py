@@ -168,12 +168,14 @@ def build_loop(world: World, agents: Mapping[str, object], episodes: int, seed: 
                split: TrafficSplit | None = None, fallback: str = "uniform",
                epsilon: float = 0.0, learn_chunk: int = 32, users_in_parallel: int = 16,
                snapshot_every: int = 500, run_tag: str | None = None,
-               serve_from_start: bool = True) -> Loop:  # fmt: skip
+               serve_from_start: bool = True, index_kind: str = "auto") -> Loop:  # fmt: skip
     """The services of ``recloop`` wired on a fresh ``MemoryBus``.
 
     ``agents`` maps policy names to agents (each learns from every transition, as one learner
     process per policy does); ``split`` defaults to all traffic on the first one. With
     ``serve_from_start`` each learner announces version 1 before the first request.
+    ``index_kind`` is serving's faiss index of the catalogue (``flat``: exact, and no
+    minutes-long HNSW build for a million items in a benchmark).
     """
     settings = Settings()
     bus = MemoryBus(settings.partitions)
@@ -186,7 +188,8 @@ def build_loop(world: World, agents: Mapping[str, object], episodes: int, seed: 
     serve_config = ServeConfig(split=split, fallback=fallback, epsilon=epsilon, seed=seed)
     policies = {name: agent.policy() for name, agent in agents.items()}  # type: ignore[attr-defined]
     host = PolicyHost(serve_config.learned_policies)
-    serve = ServeService(settings, serve_config, bus=bus, options=ServeOptions(batch_size=10**6),
+    options = ServeOptions(batch_size=10**6, index_kind=index_kind)
+    serve = ServeService(settings, serve_config, bus=bus, options=options,
                          installer=LiveInstaller(host, policies), host=host)  # fmt: skip
     learners = []
     for name, agent in agents.items():
@@ -203,13 +206,13 @@ def build_loop(world: World, agents: Mapping[str, object], episodes: int, seed: 
 
 
 def train(world: World, agent, episodes: int, seed: int, learn_chunk: int = 32,
-          users_in_parallel: int = 16) -> TrainReport:
+          users_in_parallel: int = 16, index_kind: str = "auto") -> TrainReport:
     """Serve ``episodes`` sessions with the agent's live, exploring policy while it learns,
     through the product's services on the in-memory bus (see the module docstring)."""
     started = time.perf_counter()
     name = agent.policy().name
     loop = build_loop(world, {name: agent}, episodes, seed, learn_chunk=learn_chunk,
-                      users_in_parallel=users_in_parallel)  # fmt: skip
+                      users_in_parallel=users_in_parallel, index_kind=index_kind)  # fmt: skip
     loop.run()
     learner = loop.learners[0]
     return TrainReport(loop.report(world, name, started), learner.progress.transitions_applied,

@@ -26,7 +26,8 @@ figures whether every seed agrees.
 default; the 1M variant is ``n_items=1_000_000``). Requests name no candidates, so a learned
 policy is evaluated as serving runs it (``Retrieved``): the top 100 of the catalogue by the
 user's observation, then the policy's ranking of those, which is also where its training
-traffic came from. The baselines rank the whole catalogue, and a fourth one,
+traffic came from (serving's index is exact here, ``flat``, as ``Retrieved`` is; serving
+reaches recall >= 0.95 of it with HNSW above 250k items). The baselines rank the whole catalogue, and a fourth one,
 ``retrieved_random`` (uniform over the same 100), shows what retrieval alone gives: an
 algorithm's difference against it is what its own ranking adds.
 
@@ -287,7 +288,7 @@ def run(config: BenchConfig, echo: Callable[[str], None] = print) -> dict:
         per_seed[name], trains = [], []
         for s in seeds:
             agent = registry.make_agent(name, spec, seed=s, **overrides)
-            trained = train(world, agent, config.train_episodes, seed=s + 1)
+            trained = train(world, agent, config.train_episodes, seed=s + 1, index_kind="flat")
             # The same evaluation seed gives the same users as the baselines': paired.
             served = as_served(agent.policy())
             per_seed[name].append(evaluate_paired(world, {name: served}, episodes,
