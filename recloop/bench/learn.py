@@ -29,7 +29,8 @@ user's observation, then the policy's ranking of those, which is also where its 
 traffic came from (serving's index is exact here, ``flat``, as ``Retrieved`` is; serving
 reaches recall >= 0.95 of it with HNSW above 250k items). The baselines rank the whole catalogue, and a fourth one,
 ``retrieved_random`` (uniform over the same 100), shows what retrieval alone gives: an
-algorithm's difference against it is what its own ranking adds.
+algorithm's difference against it is what its own ranking adds. ``as_served=False`` instead
+lets each learned policy rank the whole catalogue alone.
 
 Throughput, measured on the same transitions for every algorithm (a random policy's traffic
 folded by the streams fold), in samples per second of gradient work:
@@ -99,6 +100,9 @@ class BenchConfig:
     """Training seeds per algorithm: ``seed``, ``seed + 1``, ..."""
     throughput_seconds: float = 3.0
     """Wall time budget of each throughput measurement (0: none measured)."""
+    as_served: bool = True
+    """Without a candidate list: evaluate a learned policy behind serving's retrieval
+    (``Retrieved``); False ranks the whole catalogue with the policy alone."""
 
 
 class PopularityBaseline:
@@ -262,7 +266,7 @@ def run(config: BenchConfig, echo: Callable[[str], None] = print) -> dict:
     seeds = [config.seed + s for s in range(config.train_seeds)]
     eval_seed, episodes = config.seed + 1000, config.eval_episodes
     echo(_heading(config, world, seeds))
-    whole = world.num_candidates == 0
+    whole = world.num_candidates == 0 and config.as_served
     features_NF = catalogue.features_NF
 
     def as_served(policy: Any, name: str | None = None) -> Any:

@@ -32,6 +32,10 @@ def learn_bench(
     throughput_seconds: float = typer.Option(
         3.0, min=0.0, help="Time per throughput measure (0: none)."
     ),
+    as_served: bool = typer.Option(
+        True, help="No candidate list: evaluate learned policies behind serving's retrieval "
+        "(top 100 of the catalogue); --no-as-served ranks the whole catalogue with the policy."
+    ),
 ) -> None:
     import inspect
 
@@ -52,4 +56,4 @@ def learn_bench(
             param_hint="--algos")
     run(BenchConfig(world=world, n_items=n_items, algorithms=names, train_episodes=train_episodes,
                     eval_episodes=eval_episodes, seed=seed, train_seeds=train_seeds,
-                    throughput_seconds=throughput_seconds), echo=typer.echo)
+                    throughput_seconds=throughput_seconds, as_served=as_served), echo=typer.echo)
