@@ -33,11 +33,22 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     )(bench_sim)
 
 
-_PRESET_FLAGS = (("slate_size", "--slate-size"), ("num_candidates", "--candidates"))
+_PRESET_FLAGS = (
+    ("slate_size", "--slate-size"),
+    ("num_candidates", "--candidates"),
+    ("resample_every", "--resample-every"),
+    ("resample_count", "--resample-count"),
+)
 """The preset options the CLI sets, with their flags."""
 
 
-def _preset_options(preset: str, slate_size: int | None, candidates: int | None) -> dict:
+def _preset_options(
+    preset: str,
+    slate_size: int | None,
+    candidates: int | None,
+    resample_every: int | None = None,
+    resample_count: int | None = None,
+) -> dict:
     """The options for ``preset``'s builder; a one-line ``BadParameter`` naming the flag for
     an unknown preset, an option its builder does not take, or sizes it refuses."""
     import inspect
@@ -51,7 +62,8 @@ def _preset_options(preset: str, slate_size: int | None, candidates: int | None)
     builder = PRESETS[preset]
     takes = inspect.signature(builder).parameters
     options: dict = {}
-    for (name, flag), value in zip(_PRESET_FLAGS, (slate_size, candidates), strict=True):
+    values = (slate_size, candidates, resample_every, resample_count)
+    for (name, flag), value in zip(_PRESET_FLAGS, values, strict=True):
         if value is None:
             continue
         if name not in takes:
@@ -89,6 +101,13 @@ def sim(
     candidates: int = typer.Option(
         None, min=1, help="Candidates per request (presets that offer a candidate list)."
     ),
+    resample_every: int = typer.Option(
+        None,
+        min=0,
+        help="Replace --resample-count documents every this many user-steps, "
+        "each new catalogue version published before it is requested (interest_evolution).",
+    ),
+    resample_count: int = typer.Option(None, min=1, help="Documents each resample replaces."),
     slate_timeout: float = typer.Option(
         5.0, min=0.1, help="Resend a request unanswered this long (s)."
     ),
@@ -98,7 +117,7 @@ def sim(
     from recloop.ops.sim_view import progress_table
     from recloop.services.sim import SimConfig, SimService
 
-    options = _preset_options(preset, slate_size, candidates)
+    options = _preset_options(preset, slate_size, candidates, resample_every, resample_count)
     settings = Settings(kafka_bootstrap=bootstrap) if bootstrap else Settings()
     config = SimConfig(
         preset=preset,

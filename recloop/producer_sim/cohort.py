@@ -5,6 +5,8 @@ the request each user is waiting on, the recently clicked items a policy may con
 and the count of slates each policy version served. The in-process runner and the Kafka
 shell drive the same object, so they generate identical events:
 
+    new = cohort.refresh_documents()                     # a new catalogue version, or None
+    ...if new: register it (publish it) before the requests that may name its items...
     requests = cohort.request(slots, ts)                 # RecRequest per slot
     ...a policy answers (in process, or serving via Kafka)...
     answer = cohort.answer(slots, items_UK, policies, ts)  # feedback, outcomes, who finished
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import EpisodeOutcome, Record, RecRequest
 from recloop.core.ports import Candidates, Observation
 from recloop.producer_sim import wire
@@ -55,10 +58,7 @@ class Cohort:
             deque(maxlen=history_len) for _ in range(capacity)
         ]
         self._policy_steps: list[dict[str, int]] = [{} for _ in range(capacity)]
-        self._all_items = Candidates(
-            ids=np.arange(world.catalogue.n_items, dtype=np.int64),
-            features_NF=world.catalogue.features_NF,
-        )
+        self._all_items: Candidates | None = None
 
     @property
     def capacity(self) -> int:
@@ -72,6 +72,14 @@ class Cohort:
             self.pending[slot] = None
             self._history[slot].clear()
             self._policy_steps[slot] = {}
+
+    def refresh_documents(self) -> ItemCatalogue | None:
+        """Resample the world's documents if it is time (``world`` module docstring): the
+        new catalogue version, to register before the next ``request``; else None."""
+        if not self.sim.resample_due():
+            return None
+        self._all_items = None
+        return self.sim.resample()
 
     def request(self, slots: np.ndarray, ts: float) -> list[RecRequest]:
         """Each slot's next RecRequest (also remembered as the slot's pending request)."""
@@ -108,9 +116,14 @@ class Cohort:
     def candidates(self, slot: int) -> Candidates:
         """The candidate set of the slot's pending request (the catalogue if it had none)."""
         ids_C = self._cands[slot]
+        catalogue = self.sim.catalogue
         if ids_C is None:
+            if self._all_items is None:
+                live_N = np.arange(self.sim.live_lo, catalogue.n_items, dtype=np.int64)
+                features_NF = catalogue.features_NF[self.sim.live_lo :]
+                self._all_items = Candidates(ids=live_N, features_NF=features_NF)
             return self._all_items
-        return Candidates(ids=ids_C, features_NF=self.world.item_features(ids_C))
+        return Candidates(ids=ids_C, features_NF=catalogue.features(ids_C))
 
     def check_slate(self, slot: int, items: list[int] | np.ndarray) -> list[int]:
         """The slate as a list of ids, or InvalidSlate saying why the user cannot be shown it."""
@@ -131,7 +144,7 @@ class Cohort:
                 raise InvalidSlate(
                     f"slate for {req.request_id} names an item outside its candidates"
                 )
-        elif min(ids) < 0 or max(ids) >= self.world.catalogue.n_items:
+        elif min(ids) < 0 or max(ids) >= self.sim.catalogue.n_items:
             raise InvalidSlate(f"slate for {req.request_id} names an item outside the catalogue")
         return ids
 

@@ -2,9 +2,11 @@
 
 An item has a cluster (topic), a hidden quality, a length (how long watching it takes) and an
 observable feature vector. RecSim's interest-evolution world samples fresh documents every
-step; here the catalogue is fixed and finite so that items have stable ids across Kafka
-messages, and candidate sets are drawn uniformly from it. With a few hundred items per
-cluster the candidates' distribution is the one RecSim draws from.
+step; here the catalogue is finite and every item keeps its id across Kafka messages, and
+candidate sets are drawn uniformly from it. With a few hundred items per cluster the
+candidates' distribution is the one RecSim draws from. A world may also replace some of its
+documents as it runs (``World.resample_every``): the new ones get new ids after the last
+(``Catalogue.extended``) and retire as many of the oldest, so ids are never reused.
 
 Builders take their own ``numpy.random.Generator`` and never touch global random state.
 """
@@ -42,6 +44,15 @@ class Catalogue:
     def features(self, ids: np.ndarray) -> np.ndarray:
         """Observable features of ``ids`` (any shape), shape ``ids.shape + (F,)``."""
         return self.features_NF[np.asarray(ids, dtype=np.int64)]
+
+    def extended(self, new: Catalogue) -> Catalogue:
+        """This catalogue with ``new``'s items after its own (ids ``N .. N + M - 1``)."""
+        if new.feature_dim != self.feature_dim:
+            raise ValueError(
+                f"new documents have {new.feature_dim} features, not {self.feature_dim}"
+            )
+        return Catalogue(*(np.concatenate([getattr(self, f), getattr(new, f)])
+                           for f in ("cluster_N", "quality_N", "length_N", "features_NF")))  # fmt: skip
 
 
 def cluster_catalogue(

@@ -5,7 +5,10 @@
   14 "trashy" clusters and [0, 3] for the 6 "nutritious" ones, quality std 0.1, length 4,
   budget 200, multinomial-proportional choice (scores ⟨u, f⟩ + 1, null score 2). Published
   baselines at 10 candidates and slate 3: uniform random ≈ 160 return per episode, a myopic
-  ranking by true click probability ≈ 166-167.
+  ranking by true click probability ≈ 166-167. With ``resample_every`` > 0 it also replaces
+  ``resample_count`` documents every that many user-steps with fresh draws from the same
+  document model, as RecSim samples fresh documents (``producer_sim.world``: new ids, each
+  version published before it is requested).
 - ``tiny_world``: six items, two kinds of users, slates of two, ten steps per session, no
   drift, multinomial logit with a null logit of 3. Each kind loves two items (logit +3) and
   is cold on the other four (logit -3). The best policy is known: show the user's two loved
@@ -19,6 +22,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -41,10 +45,14 @@ def interest_evolution(
     slate_size: int = 3,
     n_items: int = 10_000,
     choice: ChoiceModel | None = None,
+    resample_every: int = 0,
+    resample_count: int = 0,
 ) -> World:
-    """RecSim's interest-evolution world; ``seed`` draws the catalogue."""
+    """RecSim's interest-evolution world; ``seed`` draws the catalogue. ``resample_every``
+    user-steps (0: never), ``resample_count`` documents are replaced by fresh ones."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
-    catalogue = cluster_catalogue(n_items, recsim_cluster_quality_means(20), 0.1, 4.0, rng)
+    documents = partial(_cluster_documents, recsim_cluster_quality_means(20), 0.1, 4.0)
+    catalogue = documents(n_items, rng)
     return World(
         name="interest_evolution",
         catalogue=catalogue,
@@ -52,7 +60,16 @@ def interest_evolution(
         choice=choice or MultinomialProportional(no_click_mass=1.0, min_normalizer=-1.0),
         slate_size=slate_size,
         num_candidates=num_candidates,
+        resample_every=resample_every,
+        resample_count=resample_count,
+        new_documents=documents if resample_every else None,
     )
+
+
+def _cluster_documents(
+    quality_means: np.ndarray, quality_std: float, length: float, n: int, rng: np.random.Generator
+) -> Catalogue:
+    return cluster_catalogue(n, quality_means, quality_std, length, rng)
 
 
 TINY_PROTOTYPES = (

@@ -9,6 +9,10 @@ sees exactly what serving would see), then the world steps all of them with nump
 (RecRequest, SlateServed, Impressions, Click, SessionEnd, EpisodeOutcome), so the streams
 fold and an online learner can run in process on them.
 
+A world that resamples its documents (``World.resample_every``) makes a new catalogue
+version between rounds; ``on_catalogue(catalogue, first_new_id)`` is told of each before
+any request names its items (the Kafka shell publishes it there).
+
 CTR here is clicks per served slate (a slate gets at most one click); clicked quality is
 the mean quality of the clicked items of an episode (episodes without a click are left out).
 """
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import EpisodeOutcome, Record
 from recloop.core.ports import SlatePolicy
 from recloop.producer_sim import wire
@@ -110,6 +115,7 @@ def run_episodes(
     users_in_parallel: int = 64,
     clock: Callable[[], float] = time.time,
     run_tag: str | None = None,
+    on_catalogue: Callable[[ItemCatalogue, int], None] | None = None,
 ) -> RunReport:
     """Run ``episodes`` sessions (one fresh user each) of ``world`` served by ``policy``.
 
@@ -128,6 +134,10 @@ def run_episodes(
         slots = np.flatnonzero(cohort.sim.pop.active_U)
         if slots.size == 0:
             break
+        known = cohort.sim.catalogue.n_items
+        new = cohort.refresh_documents()
+        if new is not None and on_catalogue is not None:
+            on_catalogue(new, known)
         requests = cohort.request(slots, clock())
         items_UK = np.empty((slots.size, k), dtype=np.int64)
         served: list[tuple[str, int]] = []

@@ -1,15 +1,32 @@
 """A world = document model + user model + choice model; a Simulation steps users through it.
 
-``World`` is immutable (catalogue, models, sizes). ``Simulation`` holds the mutable state of
-a fixed number of user slots and three generators spawned from one seed: one for the user
-model (sampling users, interest coin flips), one for the document model (candidate sets)
-and one for the choice model (clicks). Steps act on any subset of slots at once, so the
-in-process runner can step everyone together while the Kafka shell steps whoever's slate
-has just arrived.
+``World`` is immutable (first catalogue, models, sizes). ``Simulation`` holds the mutable
+state of a fixed number of user slots, the current catalogue, and four generators spawned
+from one seed: one for the user model (sampling users, interest coin flips), one for the
+document model (candidate sets), one for the choice model (clicks) and one for new
+documents. Steps act on any subset of slots at once, so the in-process runner can step
+everyone together while the Kafka shell steps whoever's slate has just arrived.
+
+Resampling (RecSim's fresh documents, ``World.resample_every`` > 0): once every
+``resample_every`` user-steps, ``resample_count`` new documents are drawn from the world's
+document model (``new_documents``) and take the place of the oldest as many in the *live*
+window of ``n_items`` documents that candidates are drawn from. New documents get the next
+ids (a retired document's id is never reused, so a late event still names the right item).
+``Simulation.resample`` returns the grown catalogue as the next ``ItemCatalogue`` version:
+the caller registers it (publishes it) before any request names its new ids. Rules:
+
+1. candidates (and, without a candidate list, what an in-process policy ranks) are the
+   live window ``[live_lo, n_total)``; retired documents stay in the catalogue (a slate
+   answering an earlier request may still show one), never offered again;
+2. resampling happens only between rounds of requests (``resample_due`` then ``resample``),
+   never inside one, so every request of a round names items of one catalogue version;
+3. the catalogue grows by ``resample_count`` rows per resample (a long run's catalogue is
+   ``n_items + resamples x resample_count`` rows, every version published).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -32,6 +49,13 @@ class World:
     choice: ChoiceModel
     slate_size: int
     num_candidates: int
+    resample_every: int = 0
+    """Every this many user-steps, replace ``resample_count`` live documents (0: never; the
+    module docstring's rules)."""
+    resample_count: int = 0
+    """How many documents each resample draws (1 .. the catalogue's size)."""
+    new_documents: Callable[[int, np.random.Generator], Catalogue] | None = None
+    """The document model: ``new_documents(m, rng)`` draws ``m`` fresh documents."""
 
     def __post_init__(self) -> None:
         if self.users.config.dim != self.catalogue.feature_dim:
@@ -39,6 +63,13 @@ class World:
         pool = self.num_candidates or self.catalogue.n_items
         if not 1 <= self.slate_size <= pool:
             raise ValueError(f"slate size {self.slate_size} must be in [1, {pool}]")
+        if self.resample_every < 0:
+            raise ValueError(f"resample_every must be >= 0, got {self.resample_every}")
+        if self.resample_every and (
+            self.new_documents is None or not 1 <= self.resample_count <= self.catalogue.n_items
+        ):
+            raise ValueError(f"resampling needs a document model and resample_count in "
+                             f"[1, {self.catalogue.n_items}], got {self.resample_count}")  # fmt: skip
 
     @property
     def spec(self) -> WorldSpec:
@@ -60,7 +91,8 @@ class World:
         return ItemCatalogue(self.catalogue.features_NF, version=1)
 
     def item_features(self, ids: np.ndarray) -> np.ndarray:
-        """Observable features of item ids (any shape) -> ``ids.shape + (F,)``, float32."""
+        """Observable features of item ids (any shape) -> ``ids.shape + (F,)``, float32, of
+        the world's first documents (a resampling ``Simulation`` keeps its own catalogue)."""
         return self.catalogue.features(ids)
 
     def click_probabilities(self, user_obs_UD: np.ndarray, slate_UK: np.ndarray) -> np.ndarray:
@@ -88,12 +120,42 @@ class Simulation:
 
     def __init__(self, world: World, capacity: int, seed: int) -> None:
         self.world = world
-        user_ss, doc_ss, choice_ss = np.random.SeedSequence(seed).spawn(3)
+        # spawn(4)'s first three children are spawn(3)'s: runs without resampling replay.
+        user_ss, doc_ss, choice_ss, new_ss = np.random.SeedSequence(seed).spawn(4)
         self.rng_users = np.random.default_rng(user_ss)
         self.rng_documents = np.random.default_rng(doc_ss)
         self.rng_choice = np.random.default_rng(choice_ss)
+        self.rng_new_documents = np.random.default_rng(new_ss)
         self.pop = Population.empty(capacity, world.users.config.dim)
         self.users_started = 0
+        self.catalogue = world.catalogue
+        """Every document so far (the world's first ones, then each resample's)."""
+        self.item_catalogue = world.item_catalogue
+        """What recommenders may know of ``catalogue``: its features, one version per resample."""
+        self.live_lo = 0
+        """The first id of the live window (module docstring, rule 1)."""
+        self._steps_since_resample = 0
+
+    @property
+    def n_live(self) -> int:
+        return self.world.catalogue.n_items
+
+    def resample_due(self) -> bool:
+        """Whether ``resample_every`` user-steps have passed since the last resample."""
+        every = self.world.resample_every
+        return every > 0 and self._steps_since_resample >= every
+
+    def resample(self) -> ItemCatalogue:
+        """Draw ``resample_count`` new documents and retire as many of the oldest live ones;
+        returns the next catalogue version, for the caller to publish before requesting."""
+        world = self.world
+        assert world.new_documents is not None, "World.__post_init__ checks it"
+        new = world.new_documents(world.resample_count, self.rng_new_documents)
+        self.catalogue = self.catalogue.extended(new)
+        self.item_catalogue = self.item_catalogue.extended(new.features_NF)
+        self.live_lo = self.catalogue.n_items - self.n_live
+        self._steps_since_resample = 0
+        return self.item_catalogue
 
     def spawn(self, slots: np.ndarray) -> None:
         """Put fresh users into ``slots``, numbered in order."""
@@ -121,16 +183,17 @@ class Simulation:
         """A fresh candidate set per slot, shape (U, C), or None for the whole catalogue."""
         if self.world.num_candidates == 0:
             return None
-        return sample_candidates(
-            self.world.catalogue.n_items, len(slots), self.world.num_candidates, self.rng_documents
+        ids_UC = sample_candidates(
+            self.n_live, len(slots), self.world.num_candidates, self.rng_documents
         )
+        return ids_UC + self.live_lo if self.live_lo else ids_UC
 
     def step(self, slots: np.ndarray, slate_UK: np.ndarray) -> StepOutcome:
         """Show each slot its slate; sample the response; update and score the users."""
         slots = np.asarray(slots, dtype=np.int64)
-        world, pop, cat = self.world, self.pop, self.world.catalogue
+        world, pop, cat = self.world, self.pop, self.catalogue
         interests_UD = pop.interests_UD[slots]
-        features_UKF = world.item_features(slate_UK)
+        features_UKF = cat.features(slate_UK)
         probs_UK1 = world.choice.probabilities(world.users.affinity(interests_UD, features_UKF))
         position_U = sample(probs_UK1, self.rng_choice)
         clicked_U = position_U >= 0
@@ -154,4 +217,5 @@ class Simulation:
         pop.return_U[slots] += watch_U
         pop.clicks_U[slots] += clicked_U
         pop.clicked_quality_U[slots] += quality_U
+        self._steps_since_resample += len(slots)
         return StepOutcome(position_U, item_U, watch_U, quality_U, pop.budget_U[slots] <= 0.0)

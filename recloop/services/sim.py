@@ -11,7 +11,11 @@ Requests name their candidates by id only. Before its first request the service 
 its world's catalogue (``World.item_catalogue``, version 1) on ``items`` and ``catalogue``
 (``recloop.kafka.catalogue.publish_catalogue``), so serving and the learner can look every
 candidate's features up; a restarted simulator publishes the same version again (same
-sha256, so a follower that has it changes nothing).
+sha256, so a follower that has it changes nothing). A world that resamples its documents
+(``World.resample_every``) makes a new version between rounds of requests: its new chunks
+(``first=`` the first new id) and announcement are acknowledged before the round's
+requests go out (a restarted simulator starts over from version 1, which followers already
+past it ignore: resampling runs want a fresh topic prefix per run).
 
 Failure handling:
 - a slate that does not decode, or decodes but cannot be shown (wrong size, repeated items,
@@ -101,7 +105,7 @@ class SimService:
         """The catalogue published, fresh stats and the first users (after the reader owns
         its partitions)."""
         cfg = self.config
-        publish_catalogue(self.bus, self.topics, self.world.item_catalogue)
+        publish_catalogue(self.bus, self.topics, self.cohort.sim.item_catalogue)
         self._wait_for_assignment()
         self.stats = SimStats()
         self._start_users(np.arange(min(cfg.users, cfg.max_sessions or cfg.users)))
@@ -226,6 +230,11 @@ class SimService:
         if n == 0:
             return
         slots = np.array([self._ready.popleft() for _ in range(n)], dtype=np.int64)
+        known = self.cohort.sim.catalogue.n_items
+        new = self.cohort.refresh_documents()
+        if new is not None:
+            publish_catalogue(self.bus, self.topics, new, first=known)
+            self.stats.catalogue_versions += 1
         requests = self.cohort.request(slots, time.time())
         now = time.monotonic()
         for slot, req in zip(slots.tolist(), requests, strict=True):

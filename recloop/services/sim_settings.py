@@ -53,6 +53,8 @@ class SimStats:
     outcomes: int = 0
     clicks: int = 0
     sessions_started: int = 0
+    catalogue_versions: int = 0
+    """Catalogue versions published after the first (a world that resamples documents)."""
     commit_errors: int = 0
     """Commits that failed for a transient reason (retried at the next one)."""
     last_error: str = ""
