@@ -270,7 +270,6 @@ class _LocalIndex:
 
         def build() -> None:
             try:
-                faiss.omp_set_num_threads(1)  # as the service runs it
                 self.served = index_catalogue(catalogue, bench.index_kind, bench.m)
             except BaseException as exc:  # reported by get()
                 self.error = exc
@@ -290,6 +289,7 @@ def _compute_only(bench: BenchConfig, served, published: PolicyPublished, obs_UD
     from recloop.serving.host import PolicyHost
     from recloop.serving.server import SlateServer
 
+    faiss.omp_set_num_threads(1)  # as the service searches (OpenMP's setting is per thread)
     host = PolicyHost([POLICY])
     host.swap(POLICY, published.version, DotPolicy(), algorithm="dot")
     server = SlateServer(_config(bench), host, catalogue=served)

@@ -241,6 +241,8 @@ class ServeService:
         tick_every_s: float = 5.0,
     ) -> ServeStats:
         """Serve until ``stop()`` (or ``max_seconds``); returns the final stats."""
+        # OpenMP's thread count is per calling thread: set it in the one that searches.
+        faiss.omp_set_num_threads(self.options.faiss_threads)
         side = threading.Thread(target=self._side_loop, name="serve-side", daemon=True)
         installer = threading.Thread(target=self.installs.run_until, args=(self._stop,),
                                      name="serve-install", daemon=True)  # fmt: skip

@@ -31,7 +31,9 @@ class ServeOptions:
     embeddings (see serving.retrieval: ``auto`` chooses by size)."""
     faiss_threads: int = 1
     """OpenMP threads per faiss search. One query at a time is fastest on one thread, and
-    idle OpenMP workers spinning on a busy machine multiply tail latency."""
+    idle OpenMP workers spinning on a busy machine multiply tail latency. (OpenMP keeps the
+    setting per thread: the service sets it in the thread that answers requests; index
+    builds, in their own threads, use every core.)"""
 
 
 @dataclass
