@@ -355,8 +355,11 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
     return figures
 
 
-def run_sizes(bench: BenchConfig, sizes: tuple[int, ...] = SIZES,
-              on_size: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:  # fmt: skip
+def run_sizes(
+    bench: BenchConfig,
+    sizes: tuple[int, ...] = SIZES,
+    on_size: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """``run_bench`` for every catalogue size (``on_size`` sees each as it ends); the CLI
     prints the result as one JSON line."""
     figures = []

@@ -120,7 +120,7 @@ def bench_serve(
     ] = None,
     sweep: Annotated[
         list[float] | None,
-        typer.Option("--sweep", min=1.0, help="A further request rate, one phase each; repeatable."),
+        typer.Option("--sweep", min=1.0, help="A further rate, one phase each; repeatable."),
     ] = None,
     dim: int = typer.Option(32, min=2, help="Feature dimension of the catalogue."),
     slate_size: int = typer.Option(5, min=1, help="Items per slate."),

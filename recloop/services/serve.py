@@ -3,11 +3,12 @@
 ``step()`` is one round, and the in-process loop drives it: read what ``session.state``,
 ``policy.snapshots``, ``items`` and ``catalogue`` have (into the session cache, the pending
 announcements and the ``CatalogueFollower``), index a newly completed catalogue version
-(``serving.items.CatalogueSwap``), install the newest pending snapshot that verifies (``serve_installs``: a refused one is counted and
-the newest older one above what serves is tried), then answer a batch of ``rec.requests``
-with ``serving.server.SlateServer`` and publish one ``SlateServed`` per request on
-``rec.slates``. Request offsets are committed only after the slates before them were
-acknowledged, so a crash answers a request twice, never zero times. Requests that decode
+(``serving.items.CatalogueSwap``), install the newest pending snapshot that verifies
+(``serve_installs``: a refused one is counted and the newest older one above what serves
+is tried), then answer a batch of ``rec.requests`` with ``serving.server.SlateServer`` and
+publish one ``SlateServed`` per request on ``rec.slates``. Request offsets are committed
+only after the slates before them were acknowledged, so a crash answers a request twice,
+never zero times. Requests that decode
 but cannot be answered (k above the candidates, duplicate candidates, ...) are
 dead-lettered by the ``Reader``, re-encoded, with the same headers; so is an item chunk
 the catalogue assembler refuses. No request is read before a catalogue is serving: the
@@ -21,9 +22,9 @@ for another: the side loop reads the whole ``session.state`` changelog,
 ``policy.snapshots``, ``items`` and ``catalogue`` (a group of its own, from the beginning,
 never committing: every replica needs all of them); the installer loop verifies, loads and
 indexes announced snapshots, and the indexing loop builds each new catalogue version's
-index, both off the request path, so a swap never stalls or drops a request. A broker outage is
-waited out: the commit's flush waits for the broker (``kafka.clients``), transient errors
-are noted and the loop goes on.
+index, both off the request path, so a swap never stalls or drops a request. A broker
+outage is waited out: the commit's flush waits for the broker (``kafka.clients``),
+transient errors are noted and the loop goes on.
 """
 
 from __future__ import annotations
@@ -368,9 +369,9 @@ class ServeService:
         served = self.server.served
         catalogue: dict[str, Any] | None = None
         if served is not None:
+            index = None if served.index is None else served.index.report()
             catalogue = {"version": served.version, "n_items": served.n_items,
-                         "feature_dim": served.catalogue.feature_dim,
-                         "index": None if served.index is None else served.index.report()}  # fmt: skip
+                         "feature_dim": served.catalogue.feature_dim, "index": index}  # fmt: skip
         indexes = {}
         for name in self.host.names:
             active = self.host.current(name)

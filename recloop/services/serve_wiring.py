@@ -1,4 +1,4 @@
-"""What ``recloop serve`` builds for the learner's snapshots: the loader that turns one into a policy.
+"""What ``recloop serve`` builds for the learner's snapshots: the loader of their policies.
 
 Serving knows no world: the dimensions of a snapshot's networks come from the ``spec`` its
 manifest records (the ``WorldSpec`` it was trained with), and the items from the catalogue

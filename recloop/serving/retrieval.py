@@ -13,8 +13,9 @@ where one exact search of a 32-d catalogue still costs about a millisecond, HNSW
 Every approximate index measures its recall@M against exact search when it is built: on
 ``RECALL_QUERIES`` queries drawn like the indexed vectors (per dimension, the vectors' mean
 and spread), the share of the exact top-M it returns. HNSW raises its search depth
-(``efSearch``, from 128 up to 1024 in steps of about 1.5x) until that recall reaches ``recall_target``, so
-the depth is the smallest that buys the recall asked for on this catalogue. An exact index's
+(``efSearch``, from 128 up to 1024 in steps of about 1.5x) until that recall reaches
+``recall_target``, so the depth is the smallest that buys the recall asked for on this
+catalogue. An exact index's
 recall is 1 by construction and is not measured. ``report()`` says what was chosen and why.
 """
 

@@ -315,7 +315,9 @@ def slate_problem(slate: Slate, candidates: Candidates, k: int) -> str | None:
     return None
 
 
-def _index_and_query(job: _Job, served: ServedCatalogue) -> tuple[CatalogueIndex, np.ndarray] | None:
+def _index_and_query(
+    job: _Job, served: ServedCatalogue
+) -> tuple[CatalogueIndex, np.ndarray] | None:
     """Where a learned policy's request retrieves from, and with which query: the snapshot's
     own index if the query fits it, else the catalogue features' index if it fits that.
     The query is the policy's ``query_vector(observation)`` if it has one, else the user's

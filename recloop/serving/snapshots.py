@@ -11,8 +11,9 @@ against the SHA-256 the (signed) announcement carries, checks the manifest names
 the announced policy and version, builds the policy with the injected loader (serving never
 imports the learner) and, if the policy has learned item embeddings, their faiss index
 (a policy without them retrieves from the index of the catalogue's features,
-``serving.items``); only then does it swap. Anything that fails leaves the current policy serving and is counted by reason;
-``services.serve_installs`` then tries the newest older announcement above what serves.
+``serving.items``); only then does it swap. Anything that fails leaves the current policy
+serving and is counted by reason; ``services.serve_installs`` then tries the newest older
+announcement above what serves.
 """
 
 from __future__ import annotations

@@ -48,8 +48,9 @@ def _unit_rows(n: int, d: int, seed: int) -> np.ndarray:
 
 
 def _request(i: int, obs, k: int = 3, candidates=()) -> RecRequest:
-    return RecRequest(request_id=f"r{i}", user_id=f"u{i}", session_id=f"s{i}", step=0, ts=1.0,
-                      k=k, observation=list(map(float, obs)), candidates=list(candidates))  # fmt: skip
+    return RecRequest(request_id=f"r{i}", user_id=f"u{i}", session_id=f"s{i}", step=0,
+                      ts=1.0, k=k, observation=list(map(float, obs)),
+                      candidates=list(candidates))  # fmt: skip
 
 
 def _server(catalogue: ItemCatalogue, retrieve_m: int = 20) -> tuple[SlateServer, FeaturePolicy]:
@@ -108,7 +109,8 @@ def test_index_choice_by_size_with_its_recall_measured_against_exact_search():
     queries_QD = sample_queries(large, 200, seed=0)
     exact_QM = np.argsort(-(queries_QD @ large.T), axis=1, kind="stable")[:, :50]
     found_QM, _ = approx.search(queries_QD, 50)
-    hits = sum(len(set(f) & set(e)) for f, e in zip(found_QM.tolist(), exact_QM.tolist(), strict=True))
+    pairs = zip(found_QM.tolist(), exact_QM.tolist(), strict=True)
+    hits = sum(len(set(found) & set(exact)) for found, exact in pairs)
     assert abs(hits / exact_QM.size - approx.recall) < 1e-9
 
     assert index_catalogue(ItemCatalogue(np.zeros((5, 0), np.float32))).index is None
@@ -178,7 +180,10 @@ def test_the_service_waits_for_a_catalogue_then_follows_each_new_version():
     settings, bus = Settings(), MemoryBus()
     topics = settings.topics
     service, _ = _service(bus, settings)
-    send = lambda req: bus.publish(topics.requests, req.user_id.encode(), codec.encode(req))  # noqa: E731
+
+    def send(req: RecRequest) -> None:
+        bus.publish(topics.requests, req.user_id.encode(), codec.encode(req))
+
     obs_D = np.ones(4, np.float32) / 2
     for i in range(3):
         send(_request(i, obs_D))
