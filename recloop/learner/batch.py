@@ -38,6 +38,7 @@ F item features):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -288,19 +289,24 @@ def request_batch(observation: Observation, candidates: Candidates, spec: WorldS
     ids_N = np.asarray(candidates.ids, np.int64).reshape(-1)
     F = spec.item_feature_dim
     given = np.asarray(candidates.features_NF, np.float32)
-    if given.shape == (ids_N.shape[0], F) and given.flags.writeable:
+    if given.shape == (ids_N.shape[0], F):
         feat_NF = np.ascontiguousarray(given)  # the common case: no per-request copy
     else:
         feat_NF = np.zeros((ids_N.shape[0], F), np.float32)
         if F and given.size:
             given = given.reshape(ids_N.shape[0], -1)[:, :F]
             feat_NF[:, : given.shape[1]] = given
+    with warnings.catch_warnings():
+        # Serving may hand over the catalogue's read-only matrix (a whole catalogue): it is
+        # shared, not copied; no policy writes into a request's tensors.
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        cand_features_BNF = torch.from_numpy(feat_NF[None])
     return RequestBatch(
         state=StateBatch(torch.from_numpy(obs_BU), torch.from_numpy(hist_BH),
                          torch.from_numpy(hist_BH >= 0)),
         candidates_BN=torch.from_numpy(ids_N[None, :].copy()),
         candidates_mask_BN=torch.ones((1, ids_N.shape[0]), dtype=torch.bool),
-        cand_features_BNF=torch.from_numpy(feat_NF[None]),
+        cand_features_BNF=cand_features_BNF,
     )
 
 

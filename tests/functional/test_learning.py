@@ -22,7 +22,7 @@ from recloop.learner.batch import to_batch
 from recloop.producer_sim.policies import RandomPolicy
 from recloop.producer_sim.presets import interest_evolution, tiny_world
 from recloop.producer_sim.runner import Estimate
-from tests.unit.learner.synth import SPEC, make_transitions
+from tests.unit.learner.synth import SPEC, make_catalogue, make_transitions
 
 torch.set_num_threads(1)
 
@@ -43,7 +43,8 @@ IE_OVERRIDES = {"choice_model": "proportional", "update_every": 4}
 @pytest.mark.parametrize("name", registry.names())
 def test_every_algorithm_learns_to_beat_itself_untrained_and_uniform_random_on_tiny_world(name):
     world = tiny_world()
-    agent = registry.make_agent(name, spec_for(world), seed=AGENT_SEED)
+    agent = registry.make_agent(name, spec_for(world), seed=AGENT_SEED,
+                                catalogue=world.item_catalogue)
     untrained = copy.deepcopy(agent)
     trained = train(world, agent, TINY_TRAIN, seed=1)
     assert trained.transitions > 0.9 * TINY_TRAIN * 10  # ten steps per session
@@ -60,13 +61,14 @@ def test_slateq_sarsa_target_uses_the_target_network_on_the_next_state_and_serve
     """y = r + γ (1 - done) [Σ_{j∈A'} P(j|s',A') Q̄'(s',j) + P(⊥|s',A') Q̄'(s',⊥)], recomputed
     here from the raw transitions with the target network, which is made to differ from the
     online one so that using Q̄ instead of Q̄', or s instead of s', would show."""
-    agent = registry.make_agent("slateq", SPEC, seed=0, gamma=0.7)
+    catalogue = make_catalogue(SPEC)
+    agent = registry.make_agent("slateq", SPEC, seed=0, gamma=0.7, catalogue=catalogue)
     with torch.no_grad():
         for p in agent.q_target.parameters():
             p.add_(0.3 * torch.randn_like(p))
     transitions = make_transitions(n=24, seed=5)
     assert any(t.done for t in transitions) and any(not t.done for t in transitions)
-    y_B, valid_B = agent.td_targets(to_batch(transitions, SPEC))
+    y_B, valid_B = agent.td_targets(to_batch(transitions, SPEC, catalogue))
     assert bool(valid_B.all())
 
     def expected(t, on_next_state: bool = True) -> float:
@@ -74,12 +76,11 @@ def test_slateq_sarsa_target_uses_the_target_network_on_the_next_state_and_serve
             return t.reward
         view = t.next_state if on_next_state else t.state
         obs_1U = torch.tensor([view.observation], dtype=torch.float32)
-        feats = dict(zip(t.next_candidates, t.next_candidate_features, strict=True))
         ids_1K = torch.tensor([t.next_slate])
-        feats_1KF = torch.tensor([[feats[i] for i in t.next_slate]], dtype=torch.float32)
+        feats_1KF = torch.from_numpy(catalogue.features(np.array([t.next_slate])))
         with torch.no_grad():
             q_K = agent.q_target(obs_1U, ids_1K, feats_1KF)[0]
-            v_1K, v_null_1 = agent.choice(obs_1U, feats_1KF)
+            v_1K, v_null_1 = agent.choice(obs_1U, ids_1K, feats_1KF)
             total = v_null_1[0] + v_1K[0].sum()
             value = (v_1K[0] / total * q_K).sum() + v_null_1[0] / total * (
                 agent.q_target.null_value(obs_1U)[0])
@@ -105,7 +106,8 @@ def test_sarsa_ts_beats_myop_ts_and_both_beat_random_on_interest_evolution():
     world = interest_evolution()
     policies = {}
     for name in ("slateq", "slateq_myopic"):
-        agent = registry.make_agent(name, spec_for(world), seed=0, **IE_OVERRIDES)
+        agent = registry.make_agent(name, spec_for(world), seed=0,
+                                    catalogue=world.item_catalogue, **IE_OVERRIDES)
         policies[f"{name} untrained"] = copy.deepcopy(agent).policy()
         train(world, agent, IE_TRAIN, seed=1)
         policies[name] = agent.policy()

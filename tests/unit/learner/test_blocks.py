@@ -8,6 +8,7 @@ import torch
 
 from recloop.core.catalogue import ItemCatalogue
 from recloop.core.events import Transition, UserView
+from recloop.core.ports import Candidates
 from recloop.core.spec import WorldSpec
 from recloop.learner import nets
 from recloop.learner.batch import request_batch, to_batch
@@ -166,3 +167,14 @@ def test_update_schedule_counts_credit_and_waits_for_learning_starts() -> None:
     assert due_updates(17, stored=10, update_every=4, learning_starts=64, capacity=1000) == (0, 17)
     # A replay smaller than learning_starts starts once it is full.
     assert due_updates(3, stored=50, update_every=1, learning_starts=64, capacity=50) == (3, 0)
+
+
+def test_request_batch_shares_the_catalogues_read_only_matrix():
+    """Serving hands a whole catalogue over as the catalogue's own read-only matrix: the
+    request batch reads it in place (a million-row copy per request would be the request)."""
+    cat = ItemCatalogue(np.arange(SPEC.n_items * SPEC.item_feature_dim, dtype=np.float32)
+                        .reshape(SPEC.n_items, SPEC.item_feature_dim))
+    obs, _ = make_request()
+    req = request_batch(obs, Candidates(np.arange(SPEC.n_items), cat.features_NF), SPEC)
+    assert np.shares_memory(req.cand_features_BNF.numpy(), cat.features_NF)
+    np.testing.assert_array_equal(req.cand_features_BNF[0].numpy(), cat.features_NF)
