@@ -1,7 +1,8 @@
 """``recloop bench streams``: events per second through the faust worker, next to a raw loop.
 
 One run, one broker, one backlog of synthetic users' slates and feedback (produced before
-the clock starts), consumed twice:
+the clock starts; ``streams.synthetic``: slates of 3 items offered from 10 candidate ids, as
+an interest-evolution simulator sends them, ids only since schema v2), consumed twice:
 
 - **faust**: a streams worker, a separate process exactly as ``recloop streams`` runs it,
   drains the backlog; the rate is the events divided by the time from its first transition
