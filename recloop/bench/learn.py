@@ -79,6 +79,11 @@ PRESET_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     # The world's choice model is known in the SlateQ paper's experiments.
     ("interest_evolution", "slateq"): {"choice_model": "proportional", "update_every": 4},
     ("interest_evolution", "slateq_myopic"): {"choice_model": "proportional", "update_every": 4},
+    # One update per 4 transitions, MF's and REINFORCE's default, for the rest too: an update
+    # ranks over 100k-1M items (Wolpertinger's k-NN, DRR's and SlateQ's next-slate argmax),
+    # and the whole table must fit a shared 2-core machine.
+    **{("large_catalogue", name): {"update_every": 4}
+       for name in ("wolpertinger", "drr", "slateq", "slateq_myopic")},
 }
 BASELINES = ("random", "popularity", "myopic_oracle")
 RETRIEVED_RANDOM = "retrieved_random"
