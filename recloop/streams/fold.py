@@ -59,9 +59,9 @@ records:
   printable ASCII of at most ``id_chars``, its integers fit in 64 bits, its observation has
   at most ``observation_len`` numbers and it carries at most ``slate_numbers`` numbers in
   all (``slate_numbers``: items twice, for their impressed positions, then propensities,
-  scores, candidate ids, the observation); a Click's
-  reward is at most ``max_reward`` in size (so the cumulative reward stays finite); the first
-  record of a user must have such ids too (it names the state);
+  scores, candidate ids, the observation); a Click's reward is at most ``max_reward`` in
+  size (so the cumulative reward stays finite); the first record of a user must have such
+  ids too (it names the state);
 - *buffer caps* bound how much waits at once: ``pending_slates`` and ``parked_slates``
   slates, ``held_numbers`` numbers over all of them, ``early_feedback`` buffered feedback
   records of at most ``feedback_bytes`` encoded each. What waits depends on the
@@ -79,10 +79,10 @@ what a held slate costs is its ids, its observation and its handful of scores: a
 interest-evolution slate is 42 numbers (it was 252 with its 10 candidates' 20-d feature
 rows), so ``held_numbers`` holds 243 of them and ``pending_slates`` binds first; the
 number caps now matter only for slates with long candidate lists or observations.
-Measured on 200 interest-evolution sessions served at random, folded in causal order: a
-state encodes to 2,117 B on average and 3,591 B at most (2,957 and 4,435 B with feature
-rows); with each user's first 30 slates folded before their feedback, 9,180 B on average
-and 16,785 B at most (22,054 and 42,076 B).
+Measured on 200 interest-evolution sessions served at random (the simulator's own records),
+folded in causal order: a state encodes to 2,117 B on average and 3,591 B at most (2,957
+and 4,435 B with their one-hot feature rows); with each user's first 30 slates folded
+before their feedback, 9,180 B on average and 16,785 B at most (22,054 and 42,076 B).
 
 The chaos judge's offline replay (``recloop.ops.chaos_evidence.replay``) folds each user's
 slates before their feedback, the interleaving that holds the most, so it folds with
