@@ -70,11 +70,7 @@ def _transitions(count: int, seed: int) -> list[Transition]:
 
 
 def _publish_catalogue(settings: Settings) -> None:
-    bus = KafkaBus(settings, process="test-catalogue")
-    try:
-        publish_catalogue(bus, settings.topics, CATALOGUE)
-    finally:
-        bus.close()
+    publish_catalogue(KafkaBus(settings, process="test-catalogue"), settings.topics, CATALOGUE)
 
 
 def _produce(settings: Settings, transitions: list[Transition]) -> None:
