@@ -16,6 +16,7 @@ import msgspec
 import pytest
 
 from recloop.core import codec
+from recloop.kafka.catalogue import publish_catalogue
 from recloop.learner import batch as learner_batch
 from recloop.learner.batch import to_batch
 from recloop.learner.registry import make_agent
@@ -68,6 +69,7 @@ def test_the_learner_dead_letters_a_hostile_id_and_learns_from_the_rest(
 ):
     loop = Loop(tmp_path)
     topics = loop.settings.topics
+    publish_catalogue(loop.bus, topics, CAT)  # the learner waits for a catalogue first
     hostile = _hostile(item)
     loop.bus.publish(topics.transitions, hostile.user_id.encode(), codec.encode(hostile))
     loop.produce(20)
