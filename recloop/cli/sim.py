@@ -38,6 +38,7 @@ _PRESET_FLAGS = (
     ("num_candidates", "--candidates"),
     ("resample_every", "--resample-every"),
     ("resample_count", "--resample-count"),
+    ("n_items", "--n-items"),
 )
 """The preset options the CLI sets, with their flags."""
 
@@ -48,6 +49,7 @@ def _preset_options(
     candidates: int | None,
     resample_every: int | None = None,
     resample_count: int | None = None,
+    n_items: int | None = None,
 ) -> dict:
     """The options for ``preset``'s builder; a one-line ``BadParameter`` naming the flag for
     an unknown preset, an option its builder does not take, or sizes it refuses."""
@@ -62,7 +64,7 @@ def _preset_options(
     builder = PRESETS[preset]
     takes = inspect.signature(builder).parameters
     options: dict = {}
-    values = (slate_size, candidates, resample_every, resample_count)
+    values = (slate_size, candidates, resample_every, resample_count, n_items)
     for (name, flag), value in zip(_PRESET_FLAGS, values, strict=True):
         if value is None:
             continue
@@ -108,6 +110,9 @@ def sim(
         "each new catalogue version published before it is requested (interest_evolution).",
     ),
     resample_count: int = typer.Option(None, min=1, help="Documents each resample replaces."),
+    n_items: int = typer.Option(
+        None, min=1, help="Items in the catalogue (default: the preset's; large_catalogue: 1,000,000 works)."
+    ),
     slate_timeout: float = typer.Option(
         5.0, min=0.1, help="Resend a request unanswered this long (s)."
     ),
@@ -117,7 +122,9 @@ def sim(
     from recloop.ops.sim_view import progress_table
     from recloop.services.sim import SimConfig, SimService
 
-    options = _preset_options(preset, slate_size, candidates, resample_every, resample_count)
+    options = _preset_options(
+        preset, slate_size, candidates, resample_every, resample_count, n_items
+    )
     settings = Settings(kafka_bootstrap=bootstrap) if bootstrap else Settings()
     config = SimConfig(
         preset=preset,

@@ -8,7 +8,8 @@ between them: a snapshot trained on a world is served against the same sizes.
 ``history_len`` is the learner's view, not a fact of the world: the streams fold keeps a longer
 window of the user's recent positive items (``FoldConfig.history_len``) and a learner's state
 reads its last H. The simulator never sets it, so a world's spec carries the default, and the
-wiring (``recloop.worlds.learner_spec``) chooses H for the learner it builds.
+learner service chooses H for the learner it builds (``LearnConfig.history_len``; the other
+sizes come from the catalogue and the first transitions, ``recloop.services.learn.spec_from``).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from recloop.core.snapshot import (
 from recloop.learner.publishing import id_digest
 from recloop.services.learn import LearnConfig, LearnerService
 from recloop.storage.store import Storage
-from tests.unit.learner.synth import SPEC, make_transitions
+from tests.unit.learner.synth import SPEC, make_catalogue, make_transitions
 
 POLICY = "mf"
 EVERY = 20
@@ -61,7 +61,8 @@ class Loop:
         learn = LearnConfig(algo="mf", policy=POLICY, snapshot_every_transitions=EVERY,
                             snapshot_every_s=math.inf, poll_max=EVERY, poll_timeout_s=0.0,
                             **config)  # fmt: skip
-        return LearnerService(self.settings, learn, SPEC, self.storage, bus=self.bus)
+        return LearnerService(self.settings, learn, SPEC, self.storage, bus=self.bus,
+                              catalogue=make_catalogue())  # fmt: skip
 
     def announced(self) -> list[PolicyPublished]:
         records = self.bus.records(self.settings.topics.snapshots)
