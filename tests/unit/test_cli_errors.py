@@ -31,7 +31,7 @@ def test_unreachable_broker_names_the_setting_and_the_fix(args, monkeypatch, tmp
     ("args", "expected"),
     [
         (["learn", "--algo", "nope"], "unknown algorithm 'nope'"),
-        (["learn", "--preset", "nowhere"], "unknown preset 'nowhere'"),
+        (["sim", "--preset", "nowhere"], "unknown preset 'nowhere'"),
         (["learn", "--config", "nonsense"], "is not KEY=VALUE"),
         (["learn", "--config", "no_such_field=1"], "unknown config field"),
         (["serve", "--fallback", "oracle"], "oracle"),

@@ -22,7 +22,7 @@ def test_every_per_user_topic_is_keyed_by_user() -> None:
 
 def test_state_and_snapshot_topics_are_compacted_and_streams_are_not() -> None:
     compacted = {spec.base_name for spec in TOPIC_TABLE if spec.compacted}
-    assert compacted == {"session.state", "policy.snapshots"}
+    assert compacted == {"session.state", "policy.snapshots", "items", "catalogue"}
 
 
 def test_prefix_applies_to_every_name_and_dlq_follows_the_topic() -> None:
