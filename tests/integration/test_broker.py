@@ -59,7 +59,8 @@ def test_topics_are_created_with_layout_and_idempotently(kafka_settings: Setting
         assert topic.name in metadata.topics, topic.name
         assert len(metadata.topics[topic.name].partitions) == topic.partitions
     compacted = {t.name for t in plan if t.compacted}
-    assert compacted == {kafka_settings.topics.session_state, kafka_settings.topics.snapshots}
+    t = kafka_settings.topics
+    assert compacted == {t.session_state, t.snapshots, t.items, t.catalogue}
 
     from confluent_kafka.admin import ConfigResource, ResourceType
 

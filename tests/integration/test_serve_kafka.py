@@ -21,6 +21,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Message
 
 from recloop.core import codec
+from recloop.core.catalogue import ItemCatalogue
 from recloop.core.dlq import (
     HEADER_CONSUMER,
     HEADER_ERROR,
@@ -31,7 +32,6 @@ from recloop.core.dlq import (
 )
 from recloop.core.events import PolicyPublished, RecRequest, SessionState, SlateServed, UserView
 from recloop.core.ports import Slate
-from recloop.core.catalogue import ItemCatalogue
 from recloop.core.settings import Settings
 from recloop.core.snapshot import WEIGHTS_FILE, announced_path, write_snapshot
 from recloop.kafka.bus import KafkaBus
