@@ -83,7 +83,7 @@ def _decoder(record_type: Any) -> msgspec.json.Decoder:
 
 
 def _type_name(record_type: Any) -> str:
-    # A record's wire name is its tag (a projection such as SlateAnswer reads a SlateServed).
+    # A record's wire name is its tag (a projection of a record would read its tag's type).
     config = getattr(record_type, "__struct_config__", None)
     if config is not None and isinstance(config.tag, str):
         return config.tag

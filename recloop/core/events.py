@@ -123,8 +123,8 @@ class RecRequest(_IdsOnly, frozen=True, kw_only=True):
     """A user asks for a slate of ``k`` items.
 
     ``candidates`` restricts the answer to those items (RecSim samples a candidate set each
-    step); empty means "retrieve from the whole catalogue". ``candidate_features`` are the
-    documents' observable features, row per candidate (may be empty for id-only worlds).
+    step); empty means "retrieve from the whole catalogue". The candidates' features are
+    the catalogue's (``recloop.core.catalogue``), looked up by id, never sent.
     ``observation`` is what the user lets the recommender see of them.
     """
 
