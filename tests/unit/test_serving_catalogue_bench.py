@@ -6,7 +6,8 @@ import numpy as np
 
 from recloop.bench.serve import BenchConfig, DotPolicy, _compute_only, _recall, item_catalogue
 from recloop.core.events import PolicyPublished
-from recloop.serving.items import index_catalogue
+from recloop.serving.items import ServedCatalogue, index_catalogue
+from recloop.serving.retrieval import CatalogueIndex
 
 
 def test_the_bench_catalogue_is_seeded_unit_vectors():
@@ -20,7 +21,8 @@ def test_recall_is_measured_against_brute_force_and_the_core_is_timed():
     queries_QD = np.random.default_rng(5).normal(size=(50, 8)).astype(np.float32)
     exact = index_catalogue(catalogue, kind="flat", recall_m=20)
     assert _recall(catalogue, exact, queries_QD, 20) == 1.0
-    approx = index_catalogue(catalogue, kind="ivf", recall_m=20)  # probes 1/8 of its lists
+    shallow = CatalogueIndex(catalogue.features_NF, kind="ivf", recall_m=20, recall_target=0.3)
+    approx = ServedCatalogue(catalogue, shallow)  # probes only what recall 0.3 needs
     assert 0.3 < _recall(catalogue, approx, queries_QD, 20) < 1.0
 
     published = PolicyPublished(policy="bench", algorithm="dot", version=1, path="x",

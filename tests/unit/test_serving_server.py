@@ -135,13 +135,14 @@ def test_hnsw_at_its_search_depth_finds_the_exact_top_10(seed):
 def test_ivf_is_exact_within_the_lists_it_probes_and_recalls_most_of_the_top_10():
     """IVF-Flat's guarantee: the exact top-m of the items in the ``nprobe`` lists whose
     centroids score highest; beyond those lists it sees nothing, so its recall of the true
-    top-10 is what probing 1/8 of the lists buys (0.79 on these catalogues; one list, 0.28)."""
+    top-10 is what its probes buy: as many as its build measured for recall 0.97 on its own
+    query sample (these queries are not that sample)."""
     recalls = []
     for seed in SEEDS:
         emb_ND, queries_QD, exact_QM = _catalogue(seed)
         index = CatalogueIndex(emb_ND, kind="ivf")
         ivf = faiss.extract_index_ivf(index._index)
-        assert ivf.nprobe == max(1, ivf.nlist // 8)
+        assert index.nprobe == ivf.nprobe < ivf.nlist and index.recall >= 0.97
         _, lists_QP = ivf.quantizer.search(queries_QD, ivf.nprobe)
         members = [faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i))
                    for i in range(ivf.nlist)]  # fmt: skip
@@ -151,7 +152,7 @@ def test_ivf_is_exact_within_the_lists_it_probes_and_recalls_most_of_the_top_10(
             top_M = pool_P[np.argsort(-(emb_ND[pool_P] @ queries_QD[q]), kind="stable")[:10]]
             assert ids_M.tolist() == top_M.tolist()
             recalls.append(len(set(ids_M.tolist()) & set(exact_M.tolist())) / 10)
-    assert 0.7 < np.mean(recalls) < 1.0  # approximate, and most of the way there
+    assert 0.9 < np.mean(recalls)  # approximate, and nearly all of the way there
 
 
 class _EmbeddingPolicy:
