@@ -1,7 +1,9 @@
 """``recloop bench serve``: request-to-slate latency through Kafka over a catalogue of items.
 
-The bench builds its own catalogue (random unit vectors, ``item_catalogue``) and publishes it
-on the ``items`` + ``catalogue`` topics like any catalogue owner; the serving service, a
+The bench builds its catalogue (``bench_catalogue``: by default the ``large_catalogue`` world's
+own, unit vectors in 100 clusters, queried by that world's users' observations; ``random``:
+structureless unit vectors and queries) and publishes it on the ``items`` + ``catalogue``
+topics like any catalogue owner; the serving service, a
 separate process, follows those topics, builds the faiss index of the catalogue's features
 (exact or HNSW, chosen by size, its recall measured at build) and serves a dot-product
 policy whose snapshot has no learned item embeddings, so retrieval runs on that index.
@@ -16,6 +18,10 @@ For each catalogue size one run measures, side by side on the same machine:
 - **compute only**: the same serving core over an index built the same way, in-process,
   one request at a time (retrieval, ranking, exploration, building the SlateServed);
 - **raw faiss**: one top-M search of that index, nothing else;
+- **raw Kafka echo**: the same client, broker, topics and rate, with the service replaced by
+  a bare confluent-kafka loop in its own process that answers each request with a
+  fixed three-field reply (no decoding, no serving): the floor the two Kafka hops set on
+  this machine now. ``e2e_over_echo_p50`` / ``_p99`` are the service's figures over it;
 - **recall@M**: the share of each bench query's exact top-M (brute force over the whole
   catalogue) that the index returns, on the very queries the phases sent.
 """
@@ -75,6 +81,9 @@ class BenchConfig:
     """Kafka bootstrap; empty starts a private local broker for the run."""
     seed: int = 0
     """Seed of the catalogue and the users."""
+    catalogue: str = "world"
+    """``world``: the large_catalogue world's clustered items and its users' observations as
+    queries; ``random``: unit vectors and queries with no structure."""
     index_kind: str = "auto"
     """faiss index kind (``auto``: exact up to serving.retrieval.EXACT_LIMIT, HNSW above)."""
     compute_samples: int = 1000
@@ -107,6 +116,25 @@ def item_catalogue(n_items: int, dim: int, seed: int) -> ItemCatalogue:
     features_NF = rng.normal(size=(n_items, dim)).astype(np.float32)
     features_NF /= np.linalg.norm(features_NF, axis=1, keepdims=True)
     return ItemCatalogue(features_NF, version=1)
+
+
+CATALOGUES = ("world", "random")
+
+
+def bench_catalogue(bench: BenchConfig) -> tuple[ItemCatalogue, np.ndarray]:
+    """The catalogue (version 1) and 4,096 unit query vectors the bench sends."""
+    if bench.catalogue == "random":
+        return item_catalogue(bench.n_items, bench.dim, bench.seed), _users(4096, bench.dim,
+                                                                          bench.seed)  # fmt: skip
+    if bench.catalogue != "world":
+        raise ValueError(f"catalogue {bench.catalogue!r}; choose one of {CATALOGUES}")
+    from recloop.producer_sim.presets import large_catalogue
+
+    world = large_catalogue(bench.seed, n_items=bench.n_items, dim=bench.dim)
+    rng = np.random.default_rng(np.random.SeedSequence([bench.seed, 9]))
+    obs_UD = world.users.observe(world.users.sample(4096, rng)[0]).astype(np.float32)
+    obs_UD /= np.linalg.norm(obs_UD, axis=1, keepdims=True)
+    return world.item_catalogue, obs_UD
 
 
 def _users(count: int, dim: int, seed: int) -> np.ndarray:
@@ -151,8 +179,40 @@ def serve_main(argv: list[str] | None = None) -> None:
     print(json.dumps(service.snapshot_stats()), flush=True)
 
 
-def _start_service(settings_kwargs: dict, bench: BenchConfig) -> subprocess.Popen:
-    code = "from recloop.bench.serve import serve_main; serve_main()"
+class _RequestHead(msgspec.Struct):
+    request_id: str
+
+
+def echo_main(argv: list[str] | None = None) -> None:
+    """Entry of the raw Kafka echo subprocess: answer every request on ``rec.requests`` with a
+    fixed three-field reply on ``rec.slates`` (policy version 0), keyed as the request was, with
+    serving's producer and consumer settings; until SIGTERM. Reads from the topic's end."""
+    from recloop.kafka.clients import make_consumer, make_producer
+
+    settings_kwargs, _ = json.loads((argv or sys.argv)[1])
+    settings = Settings(**settings_kwargs)
+    consumer = make_consumer(settings, f"bench-echo-{uuid.uuid4().hex[:8]}",
+                             {"auto.offset.reset": "latest"})  # fmt: skip
+    consumer.subscribe([settings.topics.requests])
+    producer = make_producer(settings, {"linger.ms": 0})
+    decode, encode = msgspec.json.Decoder(_RequestHead).decode, msgspec.json.encode
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.is_set():
+        msg = consumer.poll(0.1)
+        if msg is None or msg.error() is not None:
+            continue
+        head = decode(msg.value())
+        reply = {"request_id": head.request_id, "policy_version": 0, "candidates": []}
+        producer.produce(settings.topics.slates, key=msg.key(), value=encode(reply))
+        producer.poll(0)
+    producer.flush(10)
+    consumer.close()
+
+
+def _start_service(settings_kwargs: dict, bench: BenchConfig,
+                   entry: str = "serve_main") -> subprocess.Popen:  # fmt: skip
+    code = f"from recloop.bench.serve import {entry}; {entry}()"
     arg = json.dumps([settings_kwargs, asdict(bench)])
     return subprocess.Popen([sys.executable, "-c", code, arg], stdout=subprocess.PIPE, text=True)
 
@@ -371,12 +431,12 @@ def run_sizes(
 
 
 def _phase(bench: BenchConfig, settings: Settings, producer, receiver: _Receiver, obs_UD,
-           run: int) -> dict[str, Any]:  # fmt: skip
+           run: int, prefix: str = "m") -> dict[str, Any]:  # fmt: skip
     count = int(bench.rate * bench.duration_s)
     offset = run * count
     sent = _send_at_rate(
         producer, settings.topics.requests,
-        lambda i: _request(i, f"m{run}-", obs_UD[(offset + i) % len(obs_UD)], bench.k),
+        lambda i: _request(i, f"{prefix}{run}-", obs_UD[(offset + i) % len(obs_UD)], bench.k),
         count, bench.rate,
     )  # fmt: skip
     deadline = time.monotonic() + 15
@@ -405,8 +465,7 @@ def _median(phases: list[dict[str, Any]], key: str) -> float:
 def _measure(bench: BenchConfig, settings: Settings, settings_kwargs: dict) -> dict:
     from recloop.kafka.clients import make_producer
 
-    catalogue = item_catalogue(bench.n_items, bench.dim, bench.seed)
-    obs_UD = _users(4096, bench.dim, bench.seed)
+    catalogue, obs_UD = bench_catalogue(bench)
     t0 = time.monotonic()
     published = _publish(settings, Path(settings_kwargs["snapshot_dir"]), catalogue)
     publish_s = time.monotonic() - t0
@@ -416,17 +475,28 @@ def _measure(bench: BenchConfig, settings: Settings, settings_kwargs: dict) -> d
     producer = make_producer(settings, {"linger.ms": 0})
     phases: list[dict[str, Any]] = []
     sweep: list[dict[str, Any]] = []
+    echoes: list[dict[str, Any]] = []
     try:
-        ready_s = _warm_up(bench, settings, producer, receiver, obs_UD)
-        served = local.get()  # built by now or soon: not while a phase is measured
-        for run in range(bench.runs):
-            phases.append(_phase(bench, settings, producer, receiver, obs_UD, run))
-        sweep += [{"rate_rps": rate, **_phase(replace(bench, rate=rate), settings, producer,
-                                             receiver, obs_UD, bench.runs + i)}
-                 for i, rate in enumerate(bench.sweep)]  # fmt: skip
+        try:
+            ready_s = _warm_up(bench, settings, producer, receiver, obs_UD)
+            served = local.get()  # built by now or soon: not while a phase is measured
+            for run in range(bench.runs):
+                phases.append(_phase(bench, settings, producer, receiver, obs_UD, run))
+            sweep += [{"rate_rps": rate, **_phase(replace(bench, rate=rate), settings,
+                                                 producer, receiver, obs_UD, bench.runs + i)}
+                     for i, rate in enumerate(bench.sweep)]  # fmt: skip
+        finally:
+            service_stats = _stop_service(server)
+        echo = _start_service(settings_kwargs, bench, entry="echo_main")
+        try:
+            _warm_up(bench, settings, producer, receiver, obs_UD, version=0, prefix="e")
+            for run in range(bench.runs):
+                echoes.append(_phase(bench, settings, producer, receiver, obs_UD,
+                                     run, prefix="echo"))  # fmt: skip
+        finally:
+            _stop_service(echo)
     finally:
         receiver.close()
-        service_stats = _stop_service(server)
     timed = _compute_only(bench, served, published, obs_UD)
     count = int(bench.rate * bench.duration_s)
     sent_QD = obs_UD[: min(len(obs_UD), count * bench.runs)]
@@ -435,6 +505,7 @@ def _measure(bench: BenchConfig, settings: Settings, settings_kwargs: dict) -> d
         "bench": "serve",
         "cpus": os.cpu_count(),
         "n_items": bench.n_items,
+        "catalogue": bench.catalogue,
         "dim": bench.dim,
         "k": bench.k,
         "retrieve_m": bench.m,
@@ -450,6 +521,11 @@ def _measure(bench: BenchConfig, settings: Settings, settings_kwargs: dict) -> d
         "e2e_p50_ms": _median(phases, "e2e_p50_ms"),
         "e2e_p99_ms": _median(phases, "e2e_p99_ms"),
         "e2e_p99_ms_runs": [p["e2e_p99_ms"] for p in phases],
+        "echo_p50_ms": _median(echoes, "e2e_p50_ms"),
+        "echo_p99_ms": _median(echoes, "e2e_p99_ms"),
+        "echo_p99_ms_runs": [p["e2e_p99_ms"] for p in echoes],
+        "e2e_over_echo_p50": round(_median(phases, "e2e_p50_ms") / _median(echoes, "e2e_p50_ms"), 2),
+        "e2e_over_echo_p99": round(_median(phases, "e2e_p99_ms") / _median(echoes, "e2e_p99_ms"), 2),
         "sweep": [{k: p[k] for k in ("rate_rps", "answered", "requests", "e2e_p50_ms",
                                      "e2e_p99_ms")} for p in sweep],  # fmt: skip
         "compute_p50_ms": timed["compute"][0],
@@ -469,27 +545,29 @@ def _measure(bench: BenchConfig, settings: Settings, settings_kwargs: dict) -> d
 
 
 def _warm_up(bench: BenchConfig, settings: Settings, producer, receiver: _Receiver,
-             obs_UD) -> float:  # fmt: skip
+             obs_UD, version: int = 1, prefix: str = "") -> float:  # fmt: skip
     """Until the service answers with the snapshot's version (it has followed the catalogue
-    and built its index by then), then two seconds at rate; returns seconds to the first."""
+    and built its index by then; the echo answers with version 0), then two seconds at rate;
+    returns seconds to the first."""
     start = time.monotonic()
     i = 0
     while time.monotonic() - start < bench.ready_timeout_s:
-        req = _request(i, "w", obs_UD[i % len(obs_UD)], bench.k)
+        req = _request(i, f"{prefix}w", obs_UD[i % len(obs_UD)], bench.k)
         producer.produce(
             settings.topics.requests, key=req.user_id.encode(), value=codec.encode(req)
         )
         producer.flush(10)
         time.sleep(0.5)
         i += 1
-        if any(v == 1 for _, v, _ in list(receiver.arrivals.values())):
+        if any(r.startswith(f"{prefix}w") and v == version
+               for r, (_, v, _) in list(receiver.arrivals.items())):  # fmt: skip
             break
     else:
         raise RuntimeError("the serving process never answered with the snapshot's policy")
     ready_s = time.monotonic() - start
     _send_at_rate(
         producer, settings.topics.requests,
-        lambda j: _request(j, "x", obs_UD[j % len(obs_UD)], bench.k),
+        lambda j: _request(j, f"{prefix}x", obs_UD[j % len(obs_UD)], bench.k),
         int(bench.rate * 2), bench.rate,
     )  # fmt: skip
     return ready_s

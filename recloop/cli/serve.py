@@ -27,9 +27,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     bench.command(
         "serve",
         help=(
-            "Request-to-slate latency through Kafka at a fixed rate over a catalogue of "
-            "random items published on Kafka (100k and 1M by default), next to compute-only "
-            "and raw faiss times, slate bytes and the index's recall against exact search; "
+            "Request-to-slate latency through Kafka at a fixed rate over a catalogue "
+            "published on Kafka (large_catalogue's, 100k and 1M by default), next to "
+            "compute-only, raw faiss and raw Kafka echo times, slate bytes and the index's "
+            "recall against exact search; "
             "median of three runs; ends with one JSON line.\n\n"
             "Example: recloop bench serve --rate 100 --duration 20 --items 100000"
         ),
@@ -126,20 +127,26 @@ def bench_serve(
     slate_size: int = typer.Option(5, min=1, help="Items per slate."),
     retrieve: int = typer.Option(100, min=1, help="Candidates retrieved by faiss per request."),
     index: str = typer.Option("auto", help="faiss index kind: auto | flat | hnsw | ivf."),
+    catalogue: str = typer.Option(
+        "world", help="world: large_catalogue's clustered items and users; random: unit vectors."
+    ),
     bootstrap: str = typer.Option(
         "", help="Kafka bootstrap; default: a private local broker the bench starts and stops."
     ),
 ) -> None:
     """Measure serving latency through Kafka; one summary line per size, the last line JSON."""
-    from recloop.bench.serve import SIZES, BenchConfig, run_sizes
+    from recloop.bench.serve import CATALOGUES, SIZES, BenchConfig, run_sizes
     from recloop.serving.retrieval import INDEX_KINDS
 
     if index not in INDEX_KINDS:
         raise typer.BadParameter(f"{index!r}; choose one of {INDEX_KINDS}", param_hint="--index")
+    if catalogue not in CATALOGUES:
+        raise typer.BadParameter(f"{catalogue!r}; choose one of {CATALOGUES}",
+                                 param_hint="--catalogue")  # fmt: skip
 
     config = BenchConfig(
         rate=rate, duration_s=duration, runs=runs, dim=dim, k=slate_size, m=retrieve,
-        bootstrap=bootstrap, index_kind=index, sweep=tuple(sweep or ()),
+        bootstrap=bootstrap, index_kind=index, sweep=tuple(sweep or ()), catalogue=catalogue,
     )  # fmt: skip
 
     def summary(size: dict) -> None:
@@ -148,7 +155,9 @@ def bench_serve(
             f"{size['n_items']:>9,} items ({size['index']['kind']}): e2e p50 "
             f"{size['e2e_p50_ms']} ms p99 {size['e2e_p99_ms']} ms at {rate:g} req/s; compute "
             f"p50 {size['compute_p50_ms']} ms; faiss p50 {size['faiss_p50_ms']} ms; "
-            f"recall@{retrieve} {recall}; slate {size['slate_bytes_mean']:.0f} B",
+            f"recall@{retrieve} {recall}; slate {size['slate_bytes_mean']:.0f} B; raw Kafka "
+            f"echo p50 {size['echo_p50_ms']} ms p99 {size['echo_p99_ms']} ms (e2e/echo p99 "
+            f"{size['e2e_over_echo_p99']})",
             err=True,
         )
 

@@ -71,10 +71,15 @@ class Settings(BaseSettings):
         return self.snapshot_dir or (self.home / "snapshots")
 
     def kafka_client_config(self) -> dict[str, Any]:
-        """librdkafka-style client options (confluent-kafka)."""
+        """librdkafka-style client options (confluent-kafka).
+
+        Nagle's algorithm is off: a request and its slate are a few hundred bytes each, and
+        holding a small segment for the previous one's ACK only adds latency (batching is
+        librdkafka's job, ``linger.ms``)."""
         conf: dict[str, Any] = {
             "bootstrap.servers": self.kafka_bootstrap,
             "security.protocol": self.kafka_security_protocol,
+            "socket.nagle.disable": True,
         }
         if self.kafka_sasl_mechanism:
             conf["sasl.mechanism"] = self.kafka_sasl_mechanism

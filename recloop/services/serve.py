@@ -115,7 +115,9 @@ class ServeService:
         if bus is None:
             from recloop.kafka.bus import KafkaBus
 
-            bus = KafkaBus(settings, {"linger.ms": 1}, process="serve")
+            # No linger: a slate goes out the moment it is made (a batch's slates are
+            # produced together anyway); 1 ms of linger cost 1 ms at p50 and 4 at p99.
+            bus = KafkaBus(settings, {"linger.ms": 0}, process="serve")
         self.bus = bus
         self.follower = CatalogueFollower(bus, self.topics, self.options.name)
         self._requests: Reader | None = None

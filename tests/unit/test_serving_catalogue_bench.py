@@ -39,3 +39,16 @@ def test_the_dot_policy_ranks_candidates_by_their_catalogue_features():
     obs = Observation(user_id="u", user_obs=np.array([1.0, 0.2], np.float32))
     slate = DotPolicy().recommend(obs, Candidates(np.array([4, 9, 2]), features_NF), 2)
     assert slate.items.tolist() == [4, 2]
+
+
+def test_the_default_bench_catalogue_is_the_large_catalogue_world_s_with_its_users():
+    from recloop.bench.serve import bench_catalogue
+    from recloop.producer_sim.presets import large_catalogue
+
+    catalogue, queries_QD = bench_catalogue(BenchConfig(n_items=2000, dim=8, seed=1))
+    world = large_catalogue(1, n_items=2000, dim=8)
+    assert catalogue.sha256 == world.item_catalogue.sha256  # the world's clustered items
+    assert queries_QD.shape == (4096, 8)
+    np.testing.assert_allclose(np.linalg.norm(queries_QD, axis=1), 1.0, rtol=1e-5)
+    random, _ = bench_catalogue(BenchConfig(n_items=2000, dim=8, seed=1, catalogue="random"))
+    assert random.sha256 == item_catalogue(2000, 8, 1).sha256
