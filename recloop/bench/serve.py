@@ -202,7 +202,7 @@ def echo_main(argv: list[str] | None = None) -> None:
         msg = consumer.poll(0.1)
         if msg is None or msg.error() is not None:
             continue
-        head = decode(msg.value())
+        head = decode(msg.value() or b"{}")
         reply = {"request_id": head.request_id, "policy_version": 0, "candidates": []}
         producer.produce(settings.topics.slates, key=msg.key(), value=encode(reply))
         producer.poll(0)

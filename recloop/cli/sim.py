@@ -96,7 +96,8 @@ def sim(
         0, min=0, help="Stop once this many sessions have ended (0: no limit)."
     ),
     duration: float = typer.Option(
-        0.0, min=0.0, help="Stop after this many seconds (0: no limit)."
+        0.0, min=0.0,
+        help="Stop after this many seconds of being served, from the first slate (0: no limit).",
     ),
     seed: int = typer.Option(0, help="Seed of the catalogue and of the users."),
     slate_size: int = typer.Option(None, min=1, help="Slate size K (default: the preset's)."),

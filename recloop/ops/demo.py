@@ -40,6 +40,9 @@ class DemoOptions:
     """What the demo runs and for how long."""
 
     duration_s: float = 240.0
+    """Seconds of the running loop, from the first slate served."""
+    startup_timeout_s: float = 1800.0
+    """Longest wait for the first slate (catalogue publication, index build)."""
     algo: str = "slateq"
     users: int = 48
     rate: float = 80.0
@@ -197,9 +200,19 @@ def run_demo(
             learner_groups=[f"{settings.topic_prefix}recloop-learner-{options.algo}"],
             window_s=options.window_s,
         )  # fmt: skip
-        deadline = time.monotonic() + options.duration_s
+        # The clock starts at the first slate: publishing a large catalogue and building its
+        # index come first (minutes at 1M items) and are not the loop's running time.
+        started = time.monotonic()
+        deadline: float | None = None
         with Live(monitor.table(), console=console, refresh_per_second=1) as live:
-            while time.monotonic() < deadline:
+            while deadline is None or time.monotonic() < deadline:
+                if deadline is None and monitor.first_slate_at is not None:
+                    deadline = monitor.first_slate_at + options.duration_s
+                elif deadline is None and time.monotonic() - started > options.startup_timeout_s:
+                    raise RuntimeError(
+                        f"serving sent no slate in {options.startup_timeout_s:.0f} s; see "
+                        f"{out_dir / 'logs'} (serve.log says what it waits for)"
+                    )
                 monitor.poll(1.0)
                 live.update(monitor.table())
                 if on_tick:

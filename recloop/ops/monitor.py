@@ -190,6 +190,8 @@ class LoopMonitor:
         """Announcements refused by ``announced_version``."""
         self._slates_in_window = 0
         self._last_ends: int | None = None
+        self.first_slate_at: float | None = None
+        """When the first slate was read (``time.monotonic``): serving is up."""
 
     def poll(self, seconds: float) -> None:
         """Consume for up to ``seconds``; close the window when it is due."""
@@ -227,6 +229,8 @@ class LoopMonitor:
             )
         elif isinstance(record, SlateServed):
             self._slates_in_window += 1
+            if self.first_slate_at is None:
+                self.first_slate_at = time.monotonic()
             info = self.versions.get((record.policy, record.policy_version))
             if info is not None and info.first_served_ts is None:
                 info.first_served_ts = record.ts

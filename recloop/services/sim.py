@@ -192,7 +192,8 @@ class SimService:
         cfg, s = self.config, self.stats
         if cfg.max_events and s.published >= cfg.max_events:
             return True
-        if cfg.duration_s and s.elapsed_s >= cfg.duration_s:
+        if cfg.duration_s and (s.served_s >= cfg.duration_s or (
+                s.first_slate_s is None and s.elapsed_s >= cfg.startup_timeout_s)):
             return True
         # With a session cap, or once every user is gone, the run is over.
         return not self.cohort.sim.pop.active_U.any()
@@ -282,6 +283,8 @@ class SimService:
             return
         slots_U = np.array(slots, dtype=np.int64)
         answer = self.cohort.answer(slots_U, np.array(items, dtype=np.int64), policies, time.time())
+        if len(slots) and self.stats.first_slate_s is None:
+            self.stats.first_slate_s = time.monotonic()
         self.stats.slates += len(slots)
         for records in answer.feedback:
             for record in records:

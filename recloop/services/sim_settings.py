@@ -29,7 +29,10 @@ class SimConfig:
     max_sessions: int = 0
     """Start no more than this many sessions and stop when they have all ended."""
     duration_s: float = 0.0
-    """Stop after this many seconds."""
+    """Stop after this many seconds of being served, counted from the first slate (a large
+    catalogue's publication and serving's index build come before it)."""
+    startup_timeout_s: float = 1800.0
+    """With ``duration_s``: stop anyway if no slate came within this many seconds."""
     slate_timeout_s: float = 5.0
     """Resend a request that got no slate within this many seconds (0: never)."""
     run_tag: str = ""
@@ -66,9 +69,17 @@ class SimStats:
     def published(self) -> int:
         return self.requests + self.retries + self.feedback + self.outcomes
 
+    first_slate_s: float | None = None
+    """When the first slate was read (``time.monotonic``); None before."""
+
     @property
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started_s
+
+    @property
+    def served_s(self) -> float:
+        """Seconds since the first slate (0 before it)."""
+        return 0.0 if self.first_slate_s is None else time.monotonic() - self.first_slate_s
 
     @property
     def ctr(self) -> float:
