@@ -5,7 +5,7 @@ own, unit vectors in 100 clusters, queried by that world's users' observations; 
 structureless unit vectors and queries) and publishes it on the ``items`` + ``catalogue``
 topics like any catalogue owner; the serving service, a
 separate process, follows those topics, builds the faiss index of the catalogue's features
-(exact or HNSW, chosen by size, its recall measured at build) and serves a dot-product
+(exact or IVF, chosen by size, its recall measured at build) and serves a dot-product
 policy whose snapshot has no learned item embeddings, so retrieval runs on that index.
 For each catalogue size one run measures, side by side on the same machine:
 
@@ -85,7 +85,7 @@ class BenchConfig:
     """``world``: the large_catalogue world's clustered items and its users' observations as
     queries; ``random``: unit vectors and queries with no structure."""
     index_kind: str = "auto"
-    """faiss index kind (``auto``: exact up to serving.retrieval.EXACT_LIMIT, HNSW above)."""
+    """faiss index kind (``auto``: exact up to serving.retrieval.EXACT_LIMIT, IVF above)."""
     compute_samples: int = 1000
     """Requests timed for the compute-only and raw-faiss figures."""
     ready_timeout_s: float = 1800.0
