@@ -283,7 +283,7 @@ class SimService:
             return
         slots_U = np.array(slots, dtype=np.int64)
         answer = self.cohort.answer(slots_U, np.array(items, dtype=np.int64), policies, time.time())
-        if len(slots) and self.stats.first_slate_s is None:
+        if self.stats.first_slate_s is None:
             self.stats.first_slate_s = time.monotonic()
         self.stats.slates += len(slots)
         for records in answer.feedback:

@@ -109,21 +109,24 @@ class CatalogueIndex:
             return min(recall_of(found_QM[:half], exact_QM[:half]),
                        recall_of(found_QM[half:], exact_QM[half:]))  # fmt: skip
 
-        recall = 0.0
+        # One knob per kind, widened in its own steps: HNSW's depth, IVF's probed lists.
+        knob: Any
+        steps: tuple[int, ...]
         if self.kind == "hnsw":
             hnsw: Any = faiss.downcast_index(self._index)
-            for ef in EF_SEARCH:
-                hnsw.hnsw.efSearch = ef
-                if (recall := measured()) >= target:
-                    break
-            self.ef_search = int(hnsw.hnsw.efSearch)
-            return recall
-        ivf = faiss.extract_index_ivf(self._index)
-        for nprobe in probe_counts(ivf.nlist):
-            ivf.nprobe = nprobe
+            knob, name, steps = hnsw.hnsw, "efSearch", EF_SEARCH
+        else:
+            knob = faiss.extract_index_ivf(self._index)
+            name, steps = "nprobe", tuple(probe_counts(knob.nlist))
+        recall = 0.0
+        for step in steps:
+            setattr(knob, name, step)
             if (recall := measured()) >= target:
                 break
-        self.nprobe = int(ivf.nprobe)
+        if self.kind == "hnsw":
+            self.ef_search = int(knob.efSearch)
+        else:
+            self.nprobe = int(knob.nprobe)
         return recall
 
     def search(self, queries_QD: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,6 +201,5 @@ def _build(embeddings_ND: np.ndarray, kind: str, hnsw_m: int, seed: int) -> fais
         rows = min(n, IVF_TRAIN_PER_LIST * nlist)
         sample = rng.choice(n, rows, replace=False) if rows < n else np.arange(n)
         index.train(embeddings_ND[np.sort(sample)])
-        faiss.extract_index_ivf(index).nprobe = max(1, nlist // 8)
     index.add(embeddings_ND)
     return index
